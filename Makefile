@@ -1,0 +1,70 @@
+# The front door: every target works from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PB := chat_service/_pb
+PROTO := proto/chat/v1/chat.proto
+STAMP := $(VENV)/.installed
+BUF := tools/node_modules/.bin/buf
+NODE_TEST_DEPS := tests/node/node_modules/.installed
+HOST ?= 127.0.0.1
+PORT ?= 50051
+
+.PHONY: all proto run client admin test lint bench clean
+
+all: proto
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+$(PB)/.generated: $(PROTO) $(STAMP)
+	rm -rf $(PB)
+	mkdir -p $(PB)/chat/v1
+	touch $(PB)/__init__.py $(PB)/chat/__init__.py $(PB)/chat/v1/__init__.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I$(PB)=proto --python_out=. --grpc_python_out=. \
+		--mypy_out=. --mypy_grpc_out=. $(PB)/chat/v1/chat.proto
+	touch $@
+
+## proto: generate the Python code and type stubs from proto/chat/v1/chat.proto
+proto: $(PB)/.generated
+
+## run: start the server on $(HOST):$(PORT) with the in-memory registry
+run: proto
+	$(BIN)/chat-server --host $(HOST) --port $(PORT)
+
+## client: start the interactive client against $(HOST):$(PORT)
+client: proto
+	$(BIN)/chat --host $(HOST) --port $(PORT)
+
+## admin: start the admin console against $(HOST):$(PORT)
+admin: proto
+	$(BIN)/chat-admin --host $(HOST) --port $(PORT)
+
+$(BUF): tools/package.json tools/package-lock.json
+	cd tools && npm ci --silent --no-audit --no-fund
+	touch $@
+
+$(NODE_TEST_DEPS): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --silent --no-audit --no-fund
+	touch $@
+
+## lint: ruff, mypy --strict and buf lint
+lint: proto $(BUF)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	cd proto && ../$(BUF) lint
+
+## test: install everything, lint, and run the whole test suite
+test: proto lint $(NODE_TEST_DEPS)
+	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## bench: the fan-out benchmark (QUICK=1 for small shapes)
+bench: proto
+	$(BIN)/python -m bench $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) $(PB) tools/node_modules tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

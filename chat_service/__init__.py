@@ -1,0 +1,1 @@
+"""A multi-room chat service over gRPC."""

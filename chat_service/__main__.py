@@ -1,0 +1,64 @@
+"""`chat-server`: parse the command line and run the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from prompt_toolkit.patch_stdout import patch_stdout
+
+from chat_service.rooms import DEFAULT_QUEUE_LIMIT
+from chat_service.server import Config, run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The server's command line."""
+    parser = argparse.ArgumentParser(prog="chat-server", description="Run the multi-room chat server.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="file holding the admin token (default: $CHAT_ADMIN_TOKEN, else a new token written to "
+        "$XDG_STATE_HOME/chat-service/admin-token-PORT)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_QUEUE_LIMIT,
+        help=f"events waiting for one member before it is dropped as too slow (default: {DEFAULT_QUEUE_LIMIT})",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG shows joins and leaves (default: INFO)")
+    parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `chat-server`."""
+    args = parse_args(argv)
+    console = sys.stdin.isatty() and not args.no_console
+    with _stdout_guard(console):
+        logging.basicConfig(stream=sys.stdout, level=args.log_level.upper(), format="%(message)s")
+        config = Config(
+            host=args.host, port=args.port, admin_token_file=args.admin_token_file, queue_limit=args.max_queue
+        )
+        try:
+            asyncio.run(run(config, console=console))
+        except (OSError, RuntimeError) as error:
+            print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
+            sys.exit(1)
+
+
+def _stdout_guard(console: bool) -> contextlib.AbstractContextManager[object]:
+    """On a console, keep log lines above the prompt instead of through it."""
+    if not console:
+        return contextlib.nullcontext()
+    return patch_stdout(raw=True)
+
+
+if __name__ == "__main__":
+    main()

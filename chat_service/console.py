@@ -1,0 +1,44 @@
+"""The server's own console: `/ls` and `/kill ROOM` typed where the server runs."""
+
+from __future__ import annotations
+
+from prompt_toolkit import PromptSession
+
+from chat_service.errors import ChatError
+from chat_service.registry import Registry
+
+HELP = "commands: /ls lists rooms, /kill ROOM closes one, /help shows this, /quit stops the server"
+
+
+async def run_console(registry: Registry[bytes]) -> None:
+    """Read admin commands until /quit or end of input; returning stops the server."""
+    session: PromptSession[str] = PromptSession()
+    print(HELP)
+    while True:
+        try:
+            line = (await session.prompt_async("admin> ")).strip()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if not line:
+            continue
+        command, _, argument = line.partition(" ")
+        argument = argument.strip()
+        if command == "/quit":
+            return
+        if command == "/help":
+            print(HELP)
+        elif command == "/ls":
+            rooms = await registry.list_rooms()
+            if not rooms:
+                print("no rooms")
+            for room in rooms:
+                print(f"  {room.name} ({room.member_count} members)")
+        elif command == "/kill" and argument:
+            try:
+                ejected = await registry.kill_room(argument)
+            except ChatError as error:
+                print(f"error: {error.message}")
+            else:
+                print(f"room {argument} closed, {ejected} members returned to waiting")
+        else:
+            print(f"error: unknown command {line!r}; {HELP}")

@@ -1,0 +1,68 @@
+"""Domain events to wire bytes, encoded once per broadcast and framed so that batches are concatenations."""
+
+from __future__ import annotations
+
+from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat_service.events import (
+    CloseReason,
+    Event,
+    Joined,
+    LeaveReason,
+    MemberJoined,
+    MemberLeft,
+    Message,
+    Problem,
+    RoomClosed,
+    Whisper,
+)
+from chat_service.status import error_code
+
+_LEAVE_REASONS = {
+    LeaveReason.LEFT: pb.LEAVE_REASON_LEFT,
+    LeaveReason.DISCONNECTED: pb.LEAVE_REASON_DISCONNECTED,
+    LeaveReason.TOO_SLOW: pb.LEAVE_REASON_TOO_SLOW,
+}
+_CLOSE_REASONS = {
+    CloseReason.KILLED: pb.CLOSE_REASON_KILLED,
+    CloseReason.SERVER_SHUTDOWN: pb.CLOSE_REASON_SERVER_SHUTDOWN,
+}
+# ChatResponse.events is field 1, length-delimited: each element is framed as tag, length, bytes.
+_EVENTS_TAG = b"\x0a"
+
+
+def to_proto(event: Event) -> pb.Event:
+    """The protobuf form of a domain event."""
+    match event:
+        case Message(seq, sender, text, sent_at_ns):
+            message = pb.Message(seq=seq, sender=sender, text=text)
+            message.sent_at.FromNanoseconds(sent_at_ns)
+            return pb.Event(message=message)
+        case Whisper(sender, recipient, text, sent_at_ns):
+            whisper = pb.Whisper(sender=sender, recipient=recipient, text=text)
+            whisper.sent_at.FromNanoseconds(sent_at_ns)
+            return pb.Event(whisper=whisper)
+        case Joined(room, name, members, last_seq, created):
+            return pb.Event(joined=pb.Joined(room=room, name=name, members=members, last_seq=last_seq, created=created))
+        case MemberJoined(name):
+            return pb.Event(member_joined=pb.MemberJoined(name=name))
+        case MemberLeft(name, reason):
+            return pb.Event(member_left=pb.MemberLeft(name=name, reason=_LEAVE_REASONS[reason]))
+        case RoomClosed(room, reason):
+            return pb.Event(room_closed=pb.RoomClosed(room=room, reason=_CLOSE_REASONS[reason]))
+        case Problem(error):
+            return pb.Event(error=pb.Error(code=error_code(error.kind), message=error.message))
+
+
+def encode(event: Event) -> bytes:
+    """One event as a framed element of ChatResponse.events: a batch is these pieces joined."""
+    body = to_proto(event).SerializeToString()
+    return _EVENTS_TAG + _varint(len(body)) + body
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -1,0 +1,63 @@
+"""The registry's async interface, so a second backend (several server processes) can stand beside the in-memory one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, TypeVar
+
+from chat_service.errors import ChatError
+from chat_service.events import LeaveReason, RoomInfo
+
+T = TypeVar("T")
+
+DEFAULT_NAME = "Unknown"
+
+
+class Membership(Protocol[T]):
+    """One member of one room, owned by the stream that joined it."""
+
+    @property
+    def room(self) -> str:
+        """The room's name."""
+
+    @property
+    def name(self) -> str:
+        """The name this member got."""
+
+    @property
+    def evicted(self) -> asyncio.Future[ChatError]:
+        """Resolves when the server drops this member for reading too slowly."""
+
+    async def say(self, text: str) -> None:
+        """Broadcast a line to the room, this member included; raises ChatError."""
+
+    async def whisper(self, recipient: str, text: str) -> None:
+        """Send a line to one member of the room and echo it to this one; raises ChatError."""
+
+    async def leave(self, reason: LeaveReason = LeaveReason.LEFT) -> None:
+        """Leave the room; safe to call more than once and after the room closed."""
+
+    def report(self, error: ChatError) -> None:
+        """Queue a failed request's error for this member alone, in order with its other events."""
+
+    async def next_batch(self) -> list[T]:
+        """Wait for events and take everything queued (up to a bound); [] once the membership ended."""
+
+
+class Registry(Protocol[T]):
+    """The rooms of a chat service: events leave it already encoded as T, once per broadcast."""
+
+    async def list_rooms(self) -> list[RoomInfo]:
+        """Every open room, sorted by name."""
+
+    async def create_room(self, room: str) -> RoomInfo:
+        """Make an empty room; raises ChatError (INVALID_NAME, ROOM_EXISTS)."""
+
+    async def kill_room(self, room: str) -> int:
+        """Close a room and eject its members; returns how many; raises ChatError (ROOM_NOT_FOUND)."""
+
+    async def join(self, room: str, name: str, *, create: bool = False) -> Membership[T]:
+        """Enter a room (making it first when `create`); an empty name means the numbered default."""
+
+    async def shutdown(self) -> None:
+        """Close every room for a server shutdown; later joins fail."""

@@ -1,0 +1,271 @@
+"""The in-memory room registry: rooms, members and fan-out. Plain asyncio; it knows nothing of gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Generic, TypeVar
+
+from chat_service.errors import ChatError, ErrorKind
+from chat_service.events import (
+    CloseReason,
+    Event,
+    Joined,
+    LeaveReason,
+    MemberJoined,
+    MemberLeft,
+    Message,
+    Problem,
+    RoomClosed,
+    RoomInfo,
+    Whisper,
+)
+from chat_service.registry import DEFAULT_NAME
+from chat_service.validation import check_name, check_text
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_QUEUE_LIMIT = 1024
+DEFAULT_BATCH_LIMIT = 256
+
+
+class _Room(Generic[T]):
+    __slots__ = ("members", "name", "seq")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: dict[str, Member[T]] = {}
+        self.seq = 0
+
+    def info(self) -> RoomInfo:
+        return RoomInfo(self.name, len(self.members), self.seq)
+
+
+class Member(Generic[T]):
+    """A membership of the in-memory registry; every method runs to completion without yielding."""
+
+    __slots__ = ("_evicted", "_queue", "_registry", "_room", "_waiter", "name")
+
+    def __init__(self, registry: MemoryRegistry[T], room: _Room[T], name: str) -> None:
+        self._registry = registry
+        self._room: _Room[T] | None = room
+        self.name = name
+        self._queue: deque[T] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._evicted: asyncio.Future[ChatError] = asyncio.get_running_loop().create_future()
+
+    @property
+    def room(self) -> str:
+        return self._room.name if self._room is not None else ""
+
+    @property
+    def evicted(self) -> asyncio.Future[ChatError]:
+        return self._evicted
+
+    async def say(self, text: str) -> None:
+        room = self._joined_room()
+        check_text(text)
+        room.seq += 1
+        self._registry.fan_out(room, Message(room.seq, self.name, text, time.time_ns()))
+
+    async def whisper(self, recipient: str, text: str) -> None:
+        room = self._joined_room()
+        check_text(text)
+        target = room.members.get(recipient)
+        if target is None:
+            raise ChatError(
+                ErrorKind.MEMBER_NOT_FOUND,
+                f"nobody named {recipient!r} is in room {room.name!r}; /who lists its members",
+            )
+        item = self._registry.encode(Whisper(self.name, recipient, text, time.time_ns()))
+        target.push(item)
+        if target is not self:
+            self.push(item)
+
+    async def leave(self, reason: LeaveReason = LeaveReason.LEFT) -> None:
+        room = self._room
+        if room is None:
+            return
+        self.close()
+        del room.members[self.name]
+        log.debug("%s left room %s (%s)", self.name, room.name, reason.name.lower())
+        self._registry.fan_out(room, MemberLeft(self.name, reason))
+
+    def report(self, error: ChatError) -> None:
+        self.push(self._registry.encode(Problem(error)))
+
+    async def next_batch(self) -> list[T]:
+        queue = self._queue
+        while not queue:
+            if self._room is None:
+                return []
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        limit = self._registry.batch_limit
+        if len(queue) <= limit:
+            self._queue = deque()
+            return list(queue)
+        return [queue.popleft() for _ in range(limit)]
+
+    def push(self, item: T) -> None:
+        """Queue one encoded event for this member alone; a full queue evicts it."""
+        if len(self._queue) >= self._registry.queue_limit:
+            self._registry.evict(self)
+            return
+        self._queue.append(item)
+        self.wake()
+
+    def end_with(self, item: T) -> None:
+        """Queue a room's last event past the bound and end the membership after it."""
+        self._queue.append(item)
+        self.close()
+
+    def close(self) -> None:
+        """End the membership: the stream drains what is queued, then sees []."""
+        self._room = None
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _joined_room(self) -> _Room[T]:
+        if self._room is None:
+            raise ChatError(ErrorKind.NOT_JOINED, "you are not in a room; /join ROOM or /create ROOM first")
+        return self._room
+
+
+class MemoryRegistry(Generic[T]):
+    """Rooms held in this process; one event loop owns every structure here."""
+
+    def __init__(
+        self,
+        encode: Callable[[Event], T],
+        *,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        batch_limit: int = DEFAULT_BATCH_LIMIT,
+    ) -> None:
+        self.encode = encode
+        self.queue_limit = queue_limit
+        self.batch_limit = batch_limit
+        self._rooms: dict[str, _Room[T]] = {}
+        self._closed = False
+
+    async def list_rooms(self) -> list[RoomInfo]:
+        return [self._rooms[name].info() for name in sorted(self._rooms)]
+
+    async def create_room(self, room: str) -> RoomInfo:
+        return self._create(room).info()
+
+    async def kill_room(self, room: str) -> int:
+        found = self._rooms.pop(room, None)
+        if found is None:
+            raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist; /ls lists rooms")
+        ejected = self._close(found, CloseReason.KILLED)
+        log.info("Room %s killed, %d members ejected", room, ejected)
+        return ejected
+
+    async def join(self, room: str, name: str, *, create: bool = False) -> Member[T]:
+        check_name(room, "room")
+        if name:
+            check_name(name, "member")
+        target = self._rooms.get(room)
+        if create:
+            if target is not None:
+                raise ChatError(ErrorKind.ROOM_EXISTS, f"room {room!r} already exists; /join {room} enters it")
+        elif target is None:
+            raise ChatError(
+                ErrorKind.ROOM_NOT_FOUND,
+                f"room {room!r} does not exist; /ls lists rooms, /create {room} makes it",
+            )
+        if target is not None and name in target.members:
+            raise ChatError(
+                ErrorKind.NAME_TAKEN, f"someone in room {room!r} is already called {name!r}; pick another name"
+            )
+        if target is None:
+            target = self._create(room)
+        given = name or _free_default(target.members)
+        member = Member(self, target, given)
+        member.push(self.encode(Joined(room, given, tuple(sorted([*target.members, given])), target.seq, create)))
+        self.fan_out(target, MemberJoined(given))
+        target.members[given] = member
+        log.debug("%s joined room %s", given, room)
+        return member
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        rooms, self._rooms = self._rooms, {}
+        for room in rooms.values():
+            self._close(room, CloseReason.SERVER_SHUTDOWN)
+
+    def fan_out(self, room: _Room[T], event: Event) -> None:
+        """Encode `event` once and queue it for every member of `room`, in the same order for all."""
+        item = self.encode(event)
+        limit = self.queue_limit
+        slow: list[Member[T]] = []
+        for member in room.members.values():
+            queue = member._queue
+            if len(queue) >= limit:
+                slow.append(member)
+                continue
+            queue.append(item)
+            member.wake()
+        # Evicting broadcasts a MemberLeft to this room, so it waits until the loop above is done.
+        for member in slow:
+            self.evict(member)
+
+    def evict(self, member: Member[T]) -> None:
+        """Drop a member whose queue is full, so the rest of its room is never held up by it."""
+        room = member._room
+        if room is None:
+            return
+        member._queue.clear()
+        member.close()
+        del room.members[member.name]
+        if not member.evicted.done():
+            member.evicted.set_result(
+                ChatError(
+                    ErrorKind.TOO_SLOW,
+                    f"you were disconnected from room {room.name!r}: more than {self.queue_limit} events "
+                    "were waiting for you to read them",
+                )
+            )
+        log.info("%s dropped from room %s for reading too slowly", member.name, room.name)
+        self.fan_out(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
+
+    def _create(self, room: str) -> _Room[T]:
+        check_name(room, "room")
+        if self._closed:
+            raise ChatError(ErrorKind.ROOM_NOT_FOUND, "the server is shutting down; no rooms can be made")
+        if room in self._rooms:
+            raise ChatError(ErrorKind.ROOM_EXISTS, f"room {room!r} already exists; /join {room} enters it")
+        created = self._rooms[room] = _Room[T](room)
+        log.info("New room %s created", room)
+        return created
+
+    def _close(self, room: _Room[T], reason: CloseReason) -> int:
+        item = self.encode(RoomClosed(room.name, reason))
+        members = list(room.members.values())
+        room.members.clear()
+        for member in members:
+            member.end_with(item)
+        return len(members)
+
+
+def _free_default(taken: Mapping[str, object]) -> str:
+    if DEFAULT_NAME not in taken:
+        return DEFAULT_NAME
+    number = 2
+    while f"{DEFAULT_NAME}-{number}" in taken:
+        number += 1
+    return f"{DEFAULT_NAME}-{number}"

@@ -1,0 +1,158 @@
+"""Start-up and shut-down: ports, the admin token, health, reflection, signals and the console."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chat_service import admin_token
+from chat_service.console import run_console
+from chat_service.encoding import encode
+from chat_service.registry import Registry
+from chat_service.rooms import DEFAULT_QUEUE_LIMIT, MemoryRegistry
+from chat_service.service import SERVICE_NAME, ChatServicer, handler
+
+log = logging.getLogger(__name__)
+
+# A vanished client (cable pulled, laptop closed) is noticed by keepalive pings within about 15 s; a killed
+# process is noticed at once by its closed socket.
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    # Without this a second server on the same port would silently share it with the first.
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """How to run the server."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    admin_token_file: Path | None = None
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+    grace_seconds: float = 5.0
+
+
+@dataclass
+class _Token:
+    value: str
+    path: Path | None
+    generated: bool
+
+
+class ChatServer:
+    """A running chat server: the gRPC server, its registry, and how to stop both."""
+
+    def __init__(self, config: Config, token: str | None = None) -> None:
+        self.config = config
+        self.registry: Registry[bytes] = MemoryRegistry(encode, queue_limit=config.queue_limit)
+        self._token = _choose_token(config, token)
+        self.health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(
+            interceptors=[
+                admin_token.AdminTokenInterceptor(
+                    self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}), self._token_hint()
+                )
+            ],
+            options=SERVER_OPTIONS,
+        )
+        self._server.add_generic_rpc_handlers([handler(ChatServicer(self.registry))])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server,
+        )
+        self.port = 0
+
+    @property
+    def admin_token(self) -> str:
+        """The token KillRoom requires."""
+        return self._token.value
+
+    @property
+    def token_path(self) -> Path | None:
+        """Where the token is stored, when it is stored in a file."""
+        return self._token.path
+
+    @property
+    def address(self) -> str:
+        """host:port as clients dial it."""
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind, write the token file if one was generated, and start serving."""
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self._token.generated:
+            self._token.path = admin_token.default_token_path(self.port)
+            admin_token.write_token(self._token.path, self._token.value)
+        await self._server.start()
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Tell every member the server is going, refuse new calls, and end within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        await self.registry.shutdown()
+        await self._server.stop(self.config.grace_seconds)
+        if self._token.generated and self._token.path is not None:
+            self._token.path.unlink(missing_ok=True)
+
+    def _token_hint(self) -> str:
+        if self._token.generated:
+            return "chat-admin reads it from the file the server printed at start"
+        if self._token.path is not None:
+            return f"the server reads it from {self._token.path}"
+        return f"the server takes it from ${admin_token.ENV_VAR}"
+
+
+def _choose_token(config: Config, token: str | None) -> _Token:
+    if token is not None:
+        return _Token(token, None, generated=False)
+    from_env = os.environ.get(admin_token.ENV_VAR)
+    if from_env:
+        return _Token(from_env.strip(), None, generated=False)
+    if config.admin_token_file is not None:
+        return _Token(admin_token.read_token(config.admin_token_file), config.admin_token_file, generated=False)
+    return _Token(admin_token.new_token(), None, generated=True)
+
+
+async def run(config: Config, *, console: bool) -> None:
+    """Serve until SIGINT or SIGTERM (or the console's /quit), then shut down gracefully."""
+    server = ChatServer(config)
+    await server.start()
+    print(f"chat server listening on {server.address}", flush=True)
+    if server.token_path is not None:
+        print(f"admin token: {server.token_path}", flush=True)
+    else:
+        print(f"admin token: from ${admin_token.ENV_VAR}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    tasks: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
+    if console:
+        tasks.append(asyncio.create_task(run_console(server.registry)))
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        print("shutting down: telling every member and closing connections", flush=True)
+        await server.stop()
+        print("server stopped", flush=True)
+        sys.stdout.flush()

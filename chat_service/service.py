@@ -1,0 +1,146 @@
+"""The gRPC servicer: it translates between protobuf and the registry, and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat_service.encoding import encode
+from chat_service.errors import ChatError, ErrorKind
+from chat_service.events import LeaveReason, Problem, RoomInfo
+from chat_service.registry import Membership, Registry
+from chat_service.status import status_code
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
+
+
+class ChatServicer:
+    """Serves chat.v1.ChatService from a registry whose events are already encoded batch pieces."""
+
+    def __init__(self, registry: Registry[bytes]) -> None:
+        self._registry = registry
+
+    async def ListRooms(
+        self, request: pb.ListRoomsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListRoomsResponse:
+        rooms = await self._registry.list_rooms()
+        return pb.ListRoomsResponse(rooms=[_room(info) for info in rooms])
+
+    async def CreateRoom(
+        self, request: pb.CreateRoomRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CreateRoomResponse:
+        try:
+            info = await self._registry.create_room(request.room)
+        except ChatError as error:
+            await _abort(context, error)
+        return pb.CreateRoomResponse(room=_room(info))
+
+    async def KillRoom(
+        self, request: pb.KillRoomRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.KillRoomResponse:
+        try:
+            ejected = await self._registry.kill_room(request.room)
+        except ChatError as error:
+            await _abort(context, error)
+        return pb.KillRoomResponse(ejected_members=ejected)
+
+    async def Chat(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> None:
+        requests = aiter(requests)
+        member = await self._join(requests, context)
+        if member is None:
+            return
+        reader = asyncio.create_task(_serve_requests(requests, member))
+        writer = asyncio.create_task(_deliver(member, context))
+        try:
+            await asyncio.wait((writer, member.evicted), return_when=asyncio.FIRST_COMPLETED)
+            if member.evicted.done():
+                writer.cancel()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, member.evicted.result().message)
+            await writer
+        finally:
+            reader.cancel()
+            writer.cancel()
+            await member.leave(LeaveReason.DISCONNECTED)
+
+    async def _join(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> Membership[bytes] | None:
+        """Read requests until one joins a room; every other request gets an error event."""
+        while (request := await anext(requests, None)) is not None:
+            if request.WhichOneof("action") != "join":
+                error = ChatError(ErrorKind.NOT_JOINED, "you are not in a room yet; send join first")
+                await context.write(encode(Problem(error)))
+                continue
+            join = request.join
+            try:
+                return await self._registry.join(join.room, join.name, create=join.create)
+            except ChatError as error:
+                await context.write(encode(Problem(error)))
+        return None
+
+
+async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membership[bytes]) -> None:
+    """Apply a joined member's requests in order; a half-close is a leave."""
+    async for request in requests:
+        action = request.WhichOneof("action")
+        try:
+            if action == "say":
+                await member.say(request.say.text)
+            elif action == "whisper":
+                await member.whisper(request.whisper.recipient, request.whisper.text)
+            elif action == "leave":
+                break
+            elif action == "join":
+                raise ChatError(
+                    ErrorKind.ALREADY_JOINED,
+                    f"you are already in room {member.room!r}; leave it first (one stream is one membership)",
+                )
+            else:
+                raise ChatError(ErrorKind.BAD_REQUEST, "the request has no action; set join, say, whisper or leave")
+        except ChatError as error:
+            member.report(error)
+    await member.leave()
+
+
+async def _deliver(member: Membership[bytes], context: Context) -> None:
+    """Write each batch of queued events in one message until the membership ends."""
+    while batch := await member.next_batch():
+        await context.write(b"".join(batch))
+
+
+async def _abort(context: grpc.aio.ServicerContext[object, object], error: ChatError) -> None:
+    await context.abort(status_code(error.kind), error.message)
+
+
+def _room(info: RoomInfo) -> pb.Room:
+    return pb.Room(name=info.name, member_count=info.member_count, last_seq=info.last_seq)
+
+
+def handler(servicer: ChatServicer) -> grpc.GenericRpcHandler:
+    """The service's method table; Chat's responses are pre-encoded bytes, so they are written as they are."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "ListRooms": grpc.unary_unary_rpc_method_handler(
+                servicer.ListRooms,
+                request_deserializer=pb.ListRoomsRequest.FromString,
+                response_serializer=pb.ListRoomsResponse.SerializeToString,
+            ),
+            "CreateRoom": grpc.unary_unary_rpc_method_handler(
+                servicer.CreateRoom,
+                request_deserializer=pb.CreateRoomRequest.FromString,
+                response_serializer=pb.CreateRoomResponse.SerializeToString,
+            ),
+            "KillRoom": grpc.unary_unary_rpc_method_handler(
+                servicer.KillRoom,
+                request_deserializer=pb.KillRoomRequest.FromString,
+                response_serializer=pb.KillRoomResponse.SerializeToString,
+            ),
+            "Chat": grpc.stream_stream_rpc_method_handler(
+                servicer.Chat, request_deserializer=pb.ChatRequest.FromString, response_serializer=None
+            ),
+        },
+    )

@@ -1,0 +1,41 @@
+"""The rules for room names, member names and chat lines."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from chat_service.errors import ChatError, ErrorKind
+
+MAX_NAME_CHARS = 32
+MAX_TEXT_BYTES = 4096
+
+
+def check_name(name: str, what: str) -> str:
+    """Return `name` if it is a valid room or member name, else raise INVALID_NAME naming `what`."""
+    if not name:
+        raise ChatError(ErrorKind.INVALID_NAME, f"the {what} name is empty; give 1 to {MAX_NAME_CHARS} characters")
+    if len(name) > MAX_NAME_CHARS:
+        raise ChatError(
+            ErrorKind.INVALID_NAME,
+            f"the {what} name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}",
+        )
+    for char in name:
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            raise ChatError(
+                ErrorKind.INVALID_NAME,
+                f"the {what} name {name!r} has whitespace or a control character; use a single word",
+            )
+    return name
+
+
+def check_text(text: str) -> str:
+    """Return `text` if it is a valid chat line, else raise INVALID_TEXT."""
+    if not text:
+        raise ChatError(ErrorKind.INVALID_TEXT, "the line is empty; type something to say")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_TEXT_BYTES:
+        raise ChatError(
+            ErrorKind.INVALID_TEXT,
+            f"the line is {size} bytes long; the limit is {MAX_TEXT_BYTES} bytes, so split it",
+        )
+    return text

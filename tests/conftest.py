@@ -1,0 +1,129 @@
+"""Shared fixtures: a real server on an ephemeral loopback port, in-process or as the installed executable."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat_service.server import ChatServer, Config
+
+BIN = Path(sys.executable).parent
+
+
+def executable(name: str) -> str:
+    """The installed console script `name` from this virtual environment."""
+    path = BIN / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; run 'make test' to install the package")
+    return str(path)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[ChatServer]:
+    """A real grpc.aio chat server on 127.0.0.1, port 0, in this event loop."""
+    chat = ChatServer(Config(port=0, grace_seconds=1.0), token="test-admin-token")
+    await chat.start()
+    try:
+        yield chat
+    finally:
+        await chat.stop()
+
+
+@pytest.fixture
+async def channel(server: ChatServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A client channel to the in-process server."""
+    async with grpc.aio.insecure_channel(server.address) as chan:
+        yield chan
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> chat_pb2_grpc.ChatServiceAsyncStub:
+    """A ChatService stub on `channel`."""
+    return chat_pb2_grpc.ChatServiceStub(channel)
+
+
+@dataclass
+class ServerProcess:
+    """A `chat-server` subprocess and its stdout, read line by line."""
+
+    process: subprocess.Popen[str]
+    env: dict[str, str]
+    host: str = "127.0.0.1"
+    port: int = 0
+    token_path: Path = Path()
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def wait_for_line(self, substring: str, timeout: float = 10.0) -> str:
+        """Read stdout until a line contains `substring`; fail with everything read on timeout or exit."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"server never printed {substring!r}; it printed {self.seen!r}") from None
+            if line is None:
+                raise AssertionError(f"server exited before printing {substring!r}; it printed {self.seen!r}")
+            self.seen.append(line)
+            if substring in line:
+                return line
+
+
+def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
+    assert hasattr(stream, "readline")
+    for line in iter(stream.readline, ""):
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def start_server_process(state_dir: Path, *args: str) -> ServerProcess:
+    """Start `chat-server --port 0` with its own XDG_STATE_HOME and wait until it listens."""
+    env = {k: v for k, v in os.environ.items() if k != "CHAT_ADMIN_TOKEN"}
+    env["XDG_STATE_HOME"] = str(state_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    process = subprocess.Popen(
+        [executable("chat-server"), "--port", "0", "--no-console", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    proc = ServerProcess(process, env)
+    threading.Thread(target=_pump, args=(process.stdout, proc.lines), daemon=True).start()
+    listening = proc.wait_for_line("chat server listening on")
+    proc.port = int(listening.rsplit(":", 1)[1])
+    token_line = proc.wait_for_line("admin token:")
+    proc.token_path = Path(token_line.split(":", 1)[1].strip())
+    return proc
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real `chat-server` executable on an ephemeral loopback port, stopped with SIGTERM afterwards."""
+    proc = start_server_process(tmp_path / "state")
+    try:
+        yield proc
+    finally:
+        if proc.process.poll() is None:
+            proc.process.terminate()
+            try:
+                proc.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.process.kill()
+                proc.process.wait()
+        if proc.process.stdout is not None:
+            proc.process.stdout.close()

@@ -1,0 +1,180 @@
+"""The chat contract through real gRPC stubs against a real server."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat_service.server import ChatServer
+from tests.streams import Stream
+
+if TYPE_CHECKING:
+    Stub = chat_pb2_grpc.ChatServiceAsyncStub
+
+
+async def test_create_join_say_reaches_everyone_in_order(stub: Stub) -> None:
+    alice, joined = await Stream.joined(stub, "lobby", "alice", create=True)
+    assert (joined.room, joined.name, list(joined.members), joined.created) == ("lobby", "alice", ["alice"], True)
+    bob, joined = await Stream.joined(stub, "lobby", "bob")
+    assert list(joined.members) == ["alice", "bob"]
+    assert not joined.created
+    assert (await alice.next()).member_joined.name == "bob"
+
+    await alice.say("hello")
+    await bob.say("hi alice")
+    for stream in (alice, bob):
+        first, second = (await stream.next()).message, (await stream.next()).message
+        assert (first.seq, first.sender, first.text) == (1, "alice", "hello")
+        assert (second.seq, second.sender, second.text) == (2, "bob", "hi alice")
+        assert second.sent_at.ToNanoseconds() >= first.sent_at.ToNanoseconds() > 0
+
+    await bob.leave()
+    assert await bob.expect_end() == []
+    left = (await alice.next()).member_left
+    assert (left.name, left.reason) == ("bob", pb.LEAVE_REASON_LEFT)
+
+
+async def test_default_name_is_unknown_then_numbered(stub: Stub) -> None:
+    await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
+    names = [(await Stream.joined(stub, "r"))[1].name for _ in range(3)]
+    assert names == ["Unknown", "Unknown-2", "Unknown-3"]
+
+
+async def test_explicit_name_taken_is_refused_and_stream_lives_on(stub: Stub) -> None:
+    await Stream.joined(stub, "r", "alice", create=True)
+    stream = Stream(stub)
+    await stream.join("r", "alice")
+    error = (await stream.next()).error
+    assert error.code == pb.ERROR_CODE_NAME_TAKEN
+    assert "alice" in error.message
+    await stream.join("r", "alice2")
+    assert (await stream.next()).joined.name == "alice2"
+
+
+async def test_whisper_reaches_only_the_recipient_and_echoes_to_sender(stub: Stub) -> None:
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    bob, _ = await Stream.joined(stub, "r", "bob")
+    carol, _ = await Stream.joined(stub, "r", "carol")
+    await alice.whisper("bob", "psst")
+    await alice.say("public")
+    for stream in (alice, bob):
+        whisper = (await stream.next_of("whisper")).whisper
+        assert (whisper.sender, whisper.recipient, whisper.text) == ("alice", "bob", "psst")
+    next_for_carol = (await carol.next_of("message")).message
+    assert next_for_carol.text == "public"
+    await carol.leave()
+    assert all(event.WhichOneof("kind") != "whisper" for event in await carol.expect_end())
+
+
+async def test_whisper_to_absent_member_is_an_error_event(stub: Stub) -> None:
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    await alice.whisper("nobody", "hello?")
+    error = (await alice.next()).error
+    assert error.code == pb.ERROR_CODE_MEMBER_NOT_FOUND
+    assert "nobody" in error.message
+    await alice.say("still here")
+    assert (await alice.next()).message.text == "still here"
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [("", pb.ERROR_CODE_INVALID_TEXT), ("x" * 4097, pb.ERROR_CODE_INVALID_TEXT)],
+)
+async def test_bad_text_is_an_error_event(stub: Stub, text: str, code: int) -> None:
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    await alice.say(text)
+    assert (await alice.next()).error.code == code
+    await alice.say("é" * 2048)
+    assert (await alice.next()).message.seq == 1
+
+
+async def test_second_join_on_a_stream_is_an_error(stub: Stub) -> None:
+    await stub.CreateRoom(pb.CreateRoomRequest(room="other"))
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    await alice.join("other", "alice")
+    assert (await alice.next()).error.code == pb.ERROR_CODE_ALREADY_JOINED
+    rooms = {room.name: room.member_count for room in (await stub.ListRooms(pb.ListRoomsRequest())).rooms}
+    assert rooms == {"other": 0, "r": 1}
+
+
+async def test_requests_before_joining_get_errors(stub: Stub) -> None:
+    stream = Stream(stub)
+    await stream.say("hello?")
+    assert (await stream.next()).error.code == pb.ERROR_CODE_NOT_JOINED
+    await stream.join("missing", "me")
+    error = (await stream.next()).error
+    assert error.code == pb.ERROR_CODE_ROOM_NOT_FOUND
+    assert "/ls" in error.message
+
+
+async def test_join_create_refuses_an_existing_room(stub: Stub) -> None:
+    await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
+    stream = Stream(stub)
+    await stream.join("r", "me", create=True)
+    assert (await stream.next()).error.code == pb.ERROR_CODE_ROOM_EXISTS
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x" * 33, "tab\there", "bell\a"])
+async def test_create_room_rejects_bad_names(stub: Stub, name: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateRoom(pb.CreateRoomRequest(room=name))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "name" in (info.value.details() or "")
+
+
+async def test_create_room_twice_is_already_exists(stub: Stub) -> None:
+    created = await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
+    assert (created.room.name, created.room.member_count) == ("r", 0)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_list_rooms_counts_members_and_last_seq(stub: Stub) -> None:
+    assert list((await stub.ListRooms(pb.ListRoomsRequest())).rooms) == []
+    alice, _ = await Stream.joined(stub, "b-room", "alice", create=True)
+    await Stream.joined(stub, "b-room", "bob")
+    await stub.CreateRoom(pb.CreateRoomRequest(room="a-room"))
+    await alice.say("one")
+    await alice.next_of("message")
+    rooms = [(r.name, r.member_count, r.last_seq) for r in (await stub.ListRooms(pb.ListRoomsRequest())).rooms]
+    assert rooms == [("a-room", 0, 0), ("b-room", 2, 1)]
+
+
+def _admin(server: ChatServer) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {server.admin_token}"),)
+
+
+async def test_kill_room_ejects_members_and_leaves_ls(stub: Stub, server: ChatServer) -> None:
+    alice, _ = await Stream.joined(stub, "doomed", "alice", create=True)
+    bob, _ = await Stream.joined(stub, "doomed", "bob")
+    response = await stub.KillRoom(pb.KillRoomRequest(room="doomed"), metadata=_admin(server))
+    assert response.ejected_members == 2
+    assert list((await stub.ListRooms(pb.ListRoomsRequest())).rooms) == []
+    for stream in (alice, bob):
+        closed = [e.room_closed for e in await stream.expect_end() if e.WhichOneof("kind") == "room_closed"]
+        assert [(c.room, c.reason) for c in closed] == [("doomed", pb.CLOSE_REASON_KILLED)]
+    _, joined = await Stream.joined(stub, "doomed", "alice", create=True)
+    assert joined.created
+
+
+async def test_kill_needs_the_admin_token(stub: Stub) -> None:
+    await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.KillRoom(pb.KillRoomRequest(room="r"))
+    assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as wrong:
+        await stub.KillRoom(pb.KillRoomRequest(room="r"), metadata=(("authorization", "Bearer nope"),))
+    assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [r.name for r in (await stub.ListRooms(pb.ListRoomsRequest())).rooms] == ["r"]
+
+
+async def test_kill_unknown_room_is_not_found(stub: Stub, server: ChatServer) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.KillRoom(pb.KillRoomRequest(room="ghost"), metadata=_admin(server))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "ghost" in (info.value.details() or "")
