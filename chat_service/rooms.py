@@ -118,6 +118,9 @@ class Member(Generic[T]):
 
     def push(self, item: T) -> None:
         """Queue one encoded event for this member alone; a full queue evicts it."""
+        if self._room is None:
+            # The stream's last event (RoomClosed) is already queued; nothing may follow it.
+            return
         if len(self._queue) >= self._registry.queue_limit:
             self._registry.evict(self)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,6 +16,8 @@ from chat_service.registry import Membership, Registry
 from chat_service.status import status_code
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+CLIENT_CLOSE_GRACE_SECONDS = 5.0
 
 Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
 
@@ -62,6 +65,10 @@ class ChatServicer:
                 writer.cancel()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, member.evicted.result().message)
             await writer
+            # A client still writing when the server ends the call loses the events it has not read yet, so
+            # after the room's last event the client gets a moment to see it and half-close first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), CLIENT_CLOSE_GRACE_SECONDS)
         finally:
             reader.cancel()
             writer.cancel()
@@ -83,7 +90,7 @@ class ChatServicer:
 
 
 async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membership[bytes]) -> None:
-    """Apply a joined member's requests in order; a half-close is a leave."""
+    """Apply a joined member's requests in order, until `leave` or the end of the requests."""
     async for request in requests:
         action = request.WhichOneof("action")
         try:
@@ -92,7 +99,8 @@ async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membe
             elif action == "whisper":
                 await member.whisper(request.whisper.recipient, request.whisper.text)
             elif action == "leave":
-                break
+                await member.leave()
+                return
             elif action == "join":
                 raise ChatError(
                     ErrorKind.ALREADY_JOINED,
@@ -102,7 +110,8 @@ async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membe
                 raise ChatError(ErrorKind.BAD_REQUEST, "the request has no action; set join, say, whisper or leave")
         except ChatError as error:
             member.report(error)
-    await member.leave()
+    # A vanished client ends the requests just as a half-close does, and neither said goodbye.
+    await member.leave(LeaveReason.DISCONNECTED)
 
 
 async def _deliver(member: Membership[bytes], context: Context) -> None:

@@ -71,3 +71,6 @@ class Stream:
                 return rest
             assert isinstance(response, pb.ChatResponse)
             rest.extend(response.events)
+            if rest and rest[-1].WhichOneof("kind") == "room_closed":
+                # As a well-behaved client does: the room is gone, so stop writing and let the server finish.
+                await self.call.done_writing()

@@ -1,0 +1,97 @@
+"""Many members at once: every member gets every message exactly once, in one order, and nobody is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+
+from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat_service.server import ChatServer
+from tests.streams import Stream
+
+if TYPE_CHECKING:
+    from chat_service._pb.chat.v1 import chat_pb2_grpc
+
+    Stub = chat_pb2_grpc.ChatServiceAsyncStub
+
+MEMBERS = 12
+LINES = 15
+
+
+async def _member(stub: Stub, room: str, name: str, joined_all: asyncio.Event) -> list[tuple[int, str, str]]:
+    """Join, wait until every member of the room is in, say LINES lines, read every line of the room."""
+    stream, _ = await Stream.joined(stub, room, name)
+    await joined_all.wait()
+    for i in range(LINES):
+        await stream.say(f"{name}:{i}")
+    seen: list[tuple[int, str, str]] = []
+    while len(seen) < MEMBERS * LINES:
+        event = await stream.next()
+        if event.WhichOneof("kind") == "message":
+            seen.append((event.message.seq, event.message.sender, event.message.text))
+    await stream.leave()
+    await stream.expect_end()
+    return seen
+
+
+async def _doomed(stub: Stub, name: str, joined_all: asyncio.Event) -> list[int]:
+    """Join the room that gets killed, chat until the kill, and return the seqs seen before RoomClosed."""
+    stream, _ = await Stream.joined(stub, "doomed", name)
+    # Read while writing, as a real client does, so the room's last events are taken before any failed write.
+    reading = asyncio.create_task(stream.expect_end())
+    await joined_all.wait()
+    for i in range(LINES):
+        try:
+            await stream.say(f"{name}:{i}")
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            # The kill raced ahead of this line and the server has already ended the stream.
+            break
+    events = await reading
+    assert events[-1].WhichOneof("kind") == "room_closed"
+    return [event.message.seq for event in events if event.WhichOneof("kind") == "message"]
+
+
+async def test_many_members_chat_at_once_with_a_kill_in_the_middle(stub: Stub, server: ChatServer) -> None:
+    rooms = ["alpha", "beta", "doomed"]
+    for room in rooms:
+        await stub.CreateRoom(pb.CreateRoomRequest(room=room))
+    ready = {room: asyncio.Event() for room in rooms}
+    watchers = {room: asyncio.create_task(_wait_for_members(stub, room, MEMBERS, ready[room])) for room in rooms}
+    living = [
+        asyncio.create_task(_member(stub, room, f"{room}-{i}", ready[room]))
+        for room in ("alpha", "beta")
+        for i in range(MEMBERS)
+    ]
+    doomed = [asyncio.create_task(_doomed(stub, f"doomed-{i}", ready["doomed"])) for i in range(MEMBERS)]
+    await asyncio.wait_for(asyncio.gather(*watchers.values()), 10)
+    metadata = (("authorization", f"Bearer {server.admin_token}"),)
+    await stub.KillRoom(pb.KillRoomRequest(room="doomed"), metadata=metadata)
+
+    results = await asyncio.wait_for(asyncio.gather(*living), 30)
+    for room_index in range(2):
+        views = results[room_index * MEMBERS : (room_index + 1) * MEMBERS]
+        first = views[0]
+        assert [seq for seq, _, _ in first] == list(range(1, MEMBERS * LINES + 1))
+        assert len({text for _, _, text in first}) == MEMBERS * LINES
+        assert all(view == first for view in views)
+
+    doomed_views = await asyncio.wait_for(asyncio.gather(*doomed), 30)
+    # The kill lands at one point in the room's order, so every member saw the same gap-free prefix.
+    assert all(view == doomed_views[0] for view in doomed_views)
+    assert doomed_views[0] == list(range(1, len(doomed_views[0]) + 1))
+
+    rooms_now = {r.name: r.member_count for r in (await stub.ListRooms(pb.ListRoomsRequest())).rooms}
+    assert rooms_now == {"alpha": 0, "beta": 0}
+
+
+async def _wait_for_members(stub: Stub, room: str, count: int, ready: asyncio.Event) -> None:
+    """Poll-free: watch the room as one more member and set `ready` once `count` others have joined."""
+    watcher, joined = await Stream.joined(stub, room, "watcher")
+    present = len(joined.members) - 1
+    while present < count:
+        if (await watcher.next()).WhichOneof("kind") == "member_joined":
+            present += 1
+    await watcher.leave()
+    ready.set()

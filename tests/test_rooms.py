@@ -1,0 +1,230 @@
+"""The in-memory registry driven directly, with no network: events come out as plain values."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chat_service.errors import ChatError, ErrorKind
+from chat_service.events import (
+    CloseReason,
+    Event,
+    Joined,
+    LeaveReason,
+    MemberJoined,
+    MemberLeft,
+    Message,
+    Problem,
+    RoomClosed,
+    Whisper,
+)
+from chat_service.rooms import Member, MemoryRegistry
+
+
+def _identity(event: Event) -> Event:
+    return event
+
+
+def registry(**limits: int) -> MemoryRegistry[Event]:
+    return MemoryRegistry(_identity, **limits)
+
+
+def drain(member: Member[Event]) -> list[Event]:
+    """Everything queued for `member` now, without waiting."""
+    return list(member._queue)
+
+
+async def take(member: Member[Event]) -> list[Event]:
+    return await asyncio.wait_for(member.next_batch(), 1)
+
+
+async def test_join_sees_members_and_others_see_join() -> None:
+    rooms = registry()
+    alice = await rooms.join("lobby", "alice", create=True)
+    bob = await rooms.join("lobby", "bob")
+    assert await take(alice) == [Joined("lobby", "alice", ("alice",), 0, True), MemberJoined("bob")]
+    assert await take(bob) == [Joined("lobby", "bob", ("alice", "bob"), 0, False)]
+
+
+async def test_messages_are_numbered_and_reach_everyone_in_one_order() -> None:
+    rooms = registry()
+    members = [await rooms.join("r", name, create=name == "a") for name in "abc"]
+    for member in members:
+        await take(member)
+    await members[2].say("one")
+    await members[0].say("two")
+    for member in members:
+        texts = [(e.seq, e.sender, e.text) for e in await take(member) if isinstance(e, Message)]
+        assert texts == [(1, "c", "one"), (2, "a", "two")]
+    assert [(r.name, r.member_count, r.last_seq) for r in await rooms.list_rooms()] == [("r", 3, 2)]
+
+
+async def test_broadcast_is_encoded_once_and_shared() -> None:
+    calls: list[Event] = []
+
+    def encode(event: Event) -> Event:
+        calls.append(event)
+        return event
+
+    rooms = MemoryRegistry(encode)
+    members = [await rooms.join("r", f"m{i}", create=i == 0) for i in range(50)]
+    calls.clear()
+    await members[0].say("hi")
+    assert len(calls) == 1
+    assert len({id(drain(m)[-1]) for m in members}) == 1
+
+
+async def test_whisper_goes_to_recipient_and_sender_only() -> None:
+    rooms = registry()
+    alice, bob, carol = [await rooms.join("r", n, create=n == "alice") for n in ("alice", "bob", "carol")]
+    for member in (alice, bob, carol):
+        await take(member)
+    await alice.whisper("bob", "psst")
+    expected = [Whisper("alice", "bob", "psst", drain(bob)[0].sent_at_ns)]  # type: ignore[union-attr]
+    assert drain(alice) == expected
+    assert drain(bob) == expected
+    assert drain(carol) == []
+
+
+async def test_whisper_to_self_arrives_once() -> None:
+    rooms = registry()
+    alice = await rooms.join("r", "alice", create=True)
+    await take(alice)
+    await alice.whisper("alice", "note to self")
+    assert len(drain(alice)) == 1
+
+
+@pytest.mark.parametrize(
+    ("room", "name", "create", "kind"),
+    [
+        ("missing", "bob", False, ErrorKind.ROOM_NOT_FOUND),
+        ("r", "alice", False, ErrorKind.NAME_TAKEN),
+        ("r", "bob", True, ErrorKind.ROOM_EXISTS),
+        ("bad room", "bob", True, ErrorKind.INVALID_NAME),
+        ("r", "b\x00b", False, ErrorKind.INVALID_NAME),
+        ("r", "x" * 33, False, ErrorKind.INVALID_NAME),
+    ],
+)
+async def test_join_refusals(room: str, name: str, create: bool, kind: ErrorKind) -> None:
+    rooms = registry()
+    await rooms.join("r", "alice", create=True)
+    with pytest.raises(ChatError) as info:
+        await rooms.join(room, name, create=create)
+    assert info.value.kind is kind
+    assert [r.member_count for r in await rooms.list_rooms()] == [1]
+
+
+async def test_default_names_are_numbered_and_freed() -> None:
+    rooms = registry()
+    first = await rooms.join("r", "", create=True)
+    second = await rooms.join("r", "")
+    assert (first.name, second.name) == ("Unknown", "Unknown-2")
+    await first.leave()
+    assert (await rooms.join("r", "")).name == "Unknown"
+
+
+async def test_leave_tells_the_others_and_ends_the_batches() -> None:
+    rooms = registry()
+    alice = await rooms.join("r", "alice", create=True)
+    bob = await rooms.join("r", "bob")
+    await take(alice)
+    await take(bob)
+    await bob.leave()
+    await bob.leave()
+    assert await take(bob) == []
+    assert await take(alice) == [MemberLeft("bob", LeaveReason.LEFT)]
+    with pytest.raises(ChatError) as info:
+        await bob.say("anyone?")
+    assert info.value.kind is ErrorKind.NOT_JOINED
+
+
+async def test_kill_closes_room_for_every_member_and_forgets_it() -> None:
+    rooms = registry()
+    alice = await rooms.join("r", "alice", create=True)
+    bob = await rooms.join("r", "bob")
+    assert await rooms.kill_room("r") == 2
+    assert await rooms.list_rooms() == []
+    for member in (alice, bob):
+        batch = await take(member)
+        assert batch[-1] == RoomClosed("r", CloseReason.KILLED)
+        assert await take(member) == []
+    with pytest.raises(ChatError) as info:
+        await rooms.kill_room("r")
+    assert info.value.kind is ErrorKind.ROOM_NOT_FOUND
+    await rooms.create_room("r")
+
+
+async def test_shutdown_closes_every_room_and_refuses_new_ones() -> None:
+    rooms = registry()
+    members = {room: await rooms.join(room, "m", create=True) for room in ("a", "b")}
+    await rooms.shutdown()
+    assert await rooms.list_rooms() == []
+    for room, member in members.items():
+        assert (await take(member))[-1] == RoomClosed(room, CloseReason.SERVER_SHUTDOWN)
+        assert await take(member) == []
+    with pytest.raises(ChatError):
+        await rooms.create_room("c")
+
+
+async def test_waiting_member_wakes_on_a_message() -> None:
+    rooms = registry()
+    alice = await rooms.join("r", "alice", create=True)
+    bob = await rooms.join("r", "bob")
+    await take(bob)
+    waiting = asyncio.create_task(bob.next_batch())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await alice.say("wake up")
+    batch = await asyncio.wait_for(waiting, 1)
+    assert [e.text for e in batch if isinstance(e, Message)] == ["wake up"]
+
+
+async def test_batches_are_bounded() -> None:
+    rooms = registry(batch_limit=4)
+    alice = await rooms.join("r", "alice", create=True)
+    for i in range(9):
+        await alice.say(str(i))
+    sizes = [len(await take(alice)) for _ in range(3)]
+    assert sizes == [4, 4, 2]
+
+
+async def test_slow_member_is_evicted_and_the_room_goes_on() -> None:
+    rooms = registry(queue_limit=5)
+    fast = await rooms.join("r", "fast", create=True)
+    slow = await rooms.join("r", "slow")
+    await take(fast)
+    for i in range(10):
+        await fast.say(str(i))
+        await take(fast)
+    assert slow.evicted.done()
+    assert slow.evicted.result().kind is ErrorKind.TOO_SLOW
+    assert await take(slow) == []
+    assert [r.member_count for r in await rooms.list_rooms()] == [1]
+    await fast.say("after")
+    assert [type(e) for e in await take(fast)] == [Message]
+
+
+async def test_eviction_is_announced_to_the_rest() -> None:
+    rooms = registry(queue_limit=3)
+    fast = await rooms.join("r", "fast", create=True)
+    await rooms.join("r", "slow")
+    await take(fast)
+    events: list[Event] = []
+    for i in range(3):
+        await fast.say(str(i))
+        events += await take(fast)
+    assert events[-1] == MemberLeft("slow", LeaveReason.TOO_SLOW)
+    assert [r.member_count for r in await rooms.list_rooms()] == [1]
+
+
+async def test_report_queues_an_error_for_one_member() -> None:
+    rooms = registry()
+    alice = await rooms.join("r", "alice", create=True)
+    bob = await rooms.join("r", "bob")
+    await take(alice)
+    await take(bob)
+    error = ChatError(ErrorKind.INVALID_TEXT, "too long")
+    alice.report(error)
+    assert drain(alice) == [Problem(error)]
+    assert drain(bob) == []
