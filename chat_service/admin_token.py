@@ -49,7 +49,7 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, guarded: frozenset[str], hint: str) -> None:
         self._expected = f"Bearer {token}".encode()
         self._guarded = guarded
-        self._hint = hint
+        self.hint = hint
 
     async def intercept_service(
         self,
@@ -63,13 +63,13 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
         if given is None:
             return _refuse(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"this needs the admin token as 'authorization: Bearer TOKEN' metadata; {self._hint}",
+                f"this needs the admin token as 'authorization: Bearer TOKEN' metadata; {self.hint}",
             )
         given_bytes = given if isinstance(given, bytes) else given.encode()
         # compare_digest takes the same time wherever the first difference is, so the token cannot be guessed
         # byte by byte from response times.
         if not hmac.compare_digest(given_bytes, self._expected):
-            return _refuse(grpc.StatusCode.PERMISSION_DENIED, f"the admin token is wrong; {self._hint}")
+            return _refuse(grpc.StatusCode.PERMISSION_DENIED, f"the admin token is wrong; {self.hint}")
         return await continuation(handler_call_details)
 
 

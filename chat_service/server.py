@@ -62,14 +62,10 @@ class ChatServer:
         self.registry: Registry[bytes] = MemoryRegistry(encode, queue_limit=config.queue_limit)
         self._token = _choose_token(config, token)
         self.health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(
-            interceptors=[
-                admin_token.AdminTokenInterceptor(
-                    self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}), self._token_hint()
-                )
-            ],
-            options=SERVER_OPTIONS,
+        self._guard = admin_token.AdminTokenInterceptor(
+            self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}), self._token_hint()
         )
+        self._server = grpc.aio.server(interceptors=[self._guard], options=SERVER_OPTIONS)
         self._server.add_generic_rpc_handlers([handler(ChatServicer(self.registry))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -100,6 +96,7 @@ class ChatServer:
         if self._token.generated:
             self._token.path = admin_token.default_token_path(self.port)
             admin_token.write_token(self._token.path, self._token.value)
+            self._guard.hint = self._token_hint()
         await self._server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -113,8 +110,8 @@ class ChatServer:
             self._token.path.unlink(missing_ok=True)
 
     def _token_hint(self) -> str:
-        if self._token.generated:
-            return "chat-admin reads it from the file the server printed at start"
+        if self._token.path is not None and self._token.generated:
+            return f"chat-admin reads it from {self._token.path}"
         if self._token.path is not None:
             return f"the server reads it from {self._token.path}"
         return f"the server takes it from ${admin_token.ENV_VAR}"
