@@ -1,0 +1,417 @@
+"""The installed `chat` executable, from a pipe and on a terminal, against a real server; and its Session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import select
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chat_cli.session import ConnectionLost, Incoming, Session, SessionError
+from chat_service.server import ChatServer
+from tests.conftest import ServerProcess, executable, start_server_process
+from tests.proc import Proc, chat, run_admin, unused_port
+
+NOT_IN_ROOM = "error: you are not in a room; /join ROOM or /create ROOM first"
+
+
+def messages(proc: Proc, count: int) -> list[str]:
+    """The next `count` chat lines (`SENDER : TEXT`) that `proc` prints, skipping notices."""
+    return [proc.expect(" : ") for _ in range(count)]
+
+
+def assert_clean_exit(*procs: Proc) -> None:
+    """End each client's input and check it left quietly: status 0, no traceback."""
+    for proc in procs:
+        assert proc.finish() == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_seed_scenario(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice, chat(server_process) as bob, chat(server_process) as third:
+        alice.send("/ls")
+        alice.expect("no rooms yet; /create ROOM makes one")
+        alice.send("/create lobby alice")
+        alice.expect("* room lobby created; you joined as alice")
+        server_process.wait_for_line("New room lobby created")
+
+        bob.send("/join lobby bob")
+        bob.expect("* you joined lobby as bob (members: alice, bob)")
+        alice.expect("* bob joined")
+        third.send("/join lobby")
+        third.expect("* you joined lobby as Unknown (members: ")
+        bob.expect("* Unknown joined")
+
+        # Lines sent by two members at once reach every member in one order, the senders included.
+        for n in range(3):
+            alice.send(f"alice line {n}")
+            bob.send(f"bob line {n}")
+        seen_by_alice, seen_by_bob, seen_by_third = (messages(proc, 6) for proc in (alice, bob, third))
+        assert seen_by_alice == seen_by_bob == seen_by_third
+        assert sorted(seen_by_alice) == sorted(
+            [f"alice : alice line {n}" for n in range(3)] + [f"bob : bob line {n}" for n in range(3)]
+        )
+        assert [line for line in seen_by_alice if line.startswith("alice")] == [
+            f"alice : alice line {n}" for n in range(3)
+        ]
+
+        alice.send("/whisper bob hi")
+        bob.expect("(whisper) alice : hi")
+        alice.expect("(whisper to bob) alice : hi")
+        # A whisper to the third member would have arrived before this later line from the same sender.
+        alice.send("a later line")
+        third.expect("alice : a later line")
+        assert not [line for line in third.output if "(whisper" in line or line.endswith(": hi")]
+
+        bob.send("/who")
+        bob.expect("members of lobby: Unknown, alice, bob")
+        bob.send("/ls")
+        bob.expect("rooms:")
+        bob.expect("  lobby (3 members)")
+
+        assert_clean_exit(third)
+        assert "* you left lobby" in third.output
+        alice.expect("* Unknown left")
+        bob.send("/who")
+        bob.expect("members of lobby: alice, bob")
+        assert_clean_exit(alice, bob)
+
+
+def test_default_names_are_numbered(server_process: ServerProcess) -> None:
+    with chat(server_process) as first, chat(server_process) as second:
+        first.send("/create lobby")
+        first.expect("* room lobby created; you joined as Unknown")
+        second.send("/join lobby")
+        second.expect("* you joined lobby as Unknown-2 (members: Unknown, Unknown-2)")
+        first.expect("* Unknown-2 joined")
+        assert_clean_exit(first, second)
+
+
+def test_room_commands_follow_the_state(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice, chat(server_process) as bob:
+        for line in ("hello", "/who", "/leave", "/whisper bob hi"):
+            alice.send(line)
+            alice.expect(NOT_IN_ROOM)
+        alice.send("/join nowhere")
+        assert "nowhere" in alice.expect("error: ")
+
+        alice.send("/create lobby alice")
+        alice.expect("* room lobby created; you joined as alice")
+        alice.send("/ls")
+        alice.expect("  lobby (1 member)")
+        alice.send("/create other")
+        alice.expect("error: you are already in room lobby; /leave first")
+        alice.send("/join lobby")
+        alice.expect("error: you are already in room lobby; /leave first")
+
+        bob.send("/create lobby")
+        assert "lobby" in bob.expect("error: ")
+        bob.send("/join lobby alice")
+        assert "alice" in bob.expect("error: ")
+        bob.send("/join lobby bob")
+        bob.expect("* you joined lobby as bob (members: alice, bob)")
+
+        alice.send("/leave")
+        alice.expect("* you left lobby")
+        bob.expect("* alice left")
+        alice.send("hello")
+        alice.expect(NOT_IN_ROOM)
+        alice.send("/join lobby alice")
+        alice.expect("* you joined lobby as alice (members: alice, bob)")
+        bob.expect("* alice joined")
+        alice.send("back again")
+        bob.expect("alice : back again")
+        assert_clean_exit(alice, bob)
+
+
+def test_bad_input_is_an_error_and_the_stream_lives_on(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice:
+        alice.send("/frobnicate")
+        alice.expect("error: unknown command /frobnicate; /help lists the commands")
+        alice.send("/help")
+        alice.expect("/whisper NAME TEXT")
+        alice.send("/create " + "r" * 40)
+        alice.expect("error: ")
+        alice.send("/create lobby")
+        alice.expect("* room lobby created")
+        alice.send("x" * 5000)
+        alice.expect("error: ")
+        alice.send("/whisper nobody hi")
+        assert "nobody" in alice.expect("error: ")
+        alice.send("//still here")
+        alice.expect("Unknown : /still here")
+        assert_clean_exit(alice)
+        assert not [line for line in alice.output if "x" * 100 in line]
+
+
+def test_end_of_input_leaves_after_printing_what_is_due(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice, chat(server_process) as bob:
+        alice.send("/create lobby alice")
+        alice.expect("* room lobby created")
+        bob.send("/join lobby bob")
+        bob.expect("* you joined lobby")
+        bob.send("last words")
+        assert_clean_exit(bob)
+        assert bob.output[-2:] == ["bob : last words", "* you left lobby"]
+        alice.expect("bob : last words")
+        alice.expect("* bob left")
+        alice.send("/quit")
+        assert alice.wait() == 0
+        assert alice.output[-1] == "* you left lobby"
+
+
+def test_admin_kill_returns_every_member_to_waiting(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice, chat(server_process) as bob:
+        alice.send("/create lobby alice")
+        alice.expect("* room lobby created")
+        bob.send("/join lobby bob")
+        bob.expect("* you joined lobby")
+
+        killed = run_admin(server_process, "kill", "lobby")
+        assert killed.returncode == 0, killed.stderr
+        assert killed.stdout == "room lobby killed; 2 members sent back to waiting\n"
+        for member in (alice, bob):
+            member.expect("* room lobby was closed by the server")
+            member.send("still there?")
+            member.expect(NOT_IN_ROOM)
+        bob.send("/ls")
+        bob.expect("no rooms yet")
+
+        bob.send("/create lobby bob")
+        bob.expect("* room lobby created; you joined as bob")
+        alice.send("/join lobby alice")
+        alice.expect("* you joined lobby as alice (members: alice, bob)")
+        assert_clean_exit(alice, bob)
+
+
+def test_server_shutdown_returns_members_to_waiting(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice:
+        alice.send("/create lobby")
+        alice.expect("* room lobby created")
+        server_process.process.terminate()
+        alice.expect("* the server is shutting down")
+        alice.send("hello")
+        alice.expect(NOT_IN_ROOM)
+        assert_clean_exit(alice)
+
+
+def test_server_crash_is_reported_and_returns_to_waiting(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice:
+        alice.send("/create lobby")
+        alice.expect("* room lobby created")
+        server_process.process.kill()
+        alice.expect(f"error: the chat server at {server_process.address} went away")
+        alice.send("hello")
+        alice.expect(NOT_IN_ROOM)
+        alice.send("/ls")
+        alice.expect(f"error: cannot reach the chat server at {server_process.address}")
+        assert_clean_exit(alice)
+
+
+def test_no_server_is_a_clear_error() -> None:
+    port = unused_port()
+    result = subprocess.run(
+        [executable("chat"), "--port", str(port)],
+        input="/ls\n",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    # `in`, not `==`: under PYTHONASYNCIODEBUG=1 asyncio may add a slow-callback warning on a busy machine.
+    assert (
+        f"error: cannot reach the chat server at 127.0.0.1:{port} (is it running? start it with 'make run')\n"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+class Recorder:
+    """Collects the kind of each event a Session delivers, and the member name it came with."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.lost: list[str] = []
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def __call__(self, incoming: Incoming, me: str) -> None:
+        if isinstance(incoming, ConnectionLost):
+            kind = "lost"
+            self.lost.append(incoming.message)
+        else:
+            kind = str(incoming.WhichOneof("kind"))
+        self.seen.append((kind, me))
+        self._queue.put_nowait(kind)
+
+    async def until(self, kind: str) -> None:
+        """Wait until an event of `kind` is delivered (or was, and has not been waited for yet)."""
+        async with asyncio.timeout(10):
+            while await self._queue.get() != kind:
+                pass
+
+
+async def test_session_tracks_state_and_members(server: ChatServer) -> None:
+    alice_saw, bob_saw = Recorder(), Recorder()
+    async with Session(server.address, alice_saw) as alice, Session(server.address, bob_saw) as bob:
+        await alice.connect()
+        await bob.connect()
+        assert (alice.room, alice.name) == (None, None)
+        joined = await alice.create("lobby", "alice")
+        # Delivered before create() returns, so a front end prints the join before anything that follows it.
+        assert alice_saw.seen == [("joined", "alice")]
+        assert joined is not None and joined.created
+        assert (alice.room, alice.name) == ("lobby", "alice")
+
+        assert await bob.join("nowhere") is None
+        assert bob_saw.seen == [("error", "")]
+        assert bob.room is None
+        assert await bob.join("lobby", "bob") is not None
+        assert bob.who() == ("lobby", ["alice", "bob"])
+        await alice_saw.until("member_joined")
+        assert alice.who() == ("lobby", ["alice", "bob"])
+
+        await bob.whisper("alice", "psst")
+        await alice_saw.until("whisper")
+        assert await bob.leave() == "lobby"
+        assert bob.room is None
+        await alice_saw.until("member_left")
+        assert alice.who() == ("lobby", ["alice"])
+
+        await server.registry.kill_room("lobby")
+        await alice_saw.until("room_closed")
+        assert alice.room is None
+        assert alice_saw.lost == bob_saw.lost == []
+
+
+@pytest.fixture
+def small_queue_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A `chat-server` process that drops a member as soon as 16 events wait for it."""
+    server = start_server_process(tmp_path / "state", "--max-queue", "16")
+    try:
+        yield server
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=10)
+        if server.process.stdout is not None:
+            server.process.stdout.close()
+
+
+async def test_session_too_slow_to_read_is_back_to_waiting_with_the_servers_reason(
+    small_queue_server: ServerProcess,
+) -> None:
+    seen = Recorder()
+    with chat(small_queue_server) as sender:
+        sender.send("/create r fast")
+        sender.expect("* room r created")
+        async with Session(small_queue_server.address, seen) as slow:
+            await slow.connect()
+            await slow.join("r", "slow")
+            sender.expect("* slow joined")
+            # Blocking calls stall this event loop, so the session reads nothing until the server gives up on it;
+            # the lines are large so that the transport's buffers fill and the server's queue for it overflows.
+            for n in range(2000):
+                sender.send(f"{n:04} {'x' * 4000}")
+            sender.expect("* slow left (too slow, disconnected)")
+            await seen.until("lost")
+            assert slow.room is None
+            assert seen.lost == [
+                "you were disconnected from room 'r': more than 16 events were waiting for you to read them"
+            ]
+
+
+async def test_session_refuses_what_the_state_forbids(server: ChatServer) -> None:
+    async with Session(server.address, Recorder()) as session:
+        await session.connect()
+        for attempt in (session.say("hi"), session.whisper("bob", "hi"), session.leave()):
+            with pytest.raises(SessionError, match="you are not in a room"):
+                await attempt
+        with pytest.raises(SessionError, match="you are not in a room"):
+            session.who()
+        await session.create("lobby")
+        with pytest.raises(SessionError, match="you are already in room lobby; /leave first"):
+            await session.join("lobby")
+        with pytest.raises(SessionError, match="you are already in room lobby; /leave first"):
+            await session.create("other")
+
+
+class Terminal:
+    """A program on a pseudo-terminal, so that it runs its interactive front end."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.fd, child_end = pty.openpty()
+        self.popen = subprocess.Popen(args, stdin=child_end, stdout=child_end, stderr=child_end, env=env)
+        os.close(child_end)
+        self.screen = ""
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        os.close(self.fd)
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def expect(self, text: str, timeout: float = 10.0) -> None:
+        """Read the terminal until `text` has been drawn since the last match."""
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            if not self._read(deadline):
+                raise AssertionError(f"{text!r} never appeared; the terminal shows {self.screen!r}")
+        self.screen = self.screen[self.screen.index(text) + len(text) :]
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Read the terminal until the program exits and closes it; return the exit status."""
+        deadline = time.monotonic() + timeout
+        while self._read(deadline):
+            pass
+        try:
+            return self.popen.wait(max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s; the terminal shows {self.screen!r}") from None
+
+    def _read(self, deadline: float) -> bool:
+        """Append what the program drew; False on timeout or once the program has closed the terminal."""
+        ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            return False
+        try:
+            chunk = os.read(self.fd, 4096)
+        except OSError:  # Linux reports a pseudo-terminal closed by its program as EIO
+            return False
+        self.screen += chunk.decode(errors="replace")
+        return bool(chunk)
+
+
+@pytest.mark.parametrize("exit_key", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_interactive_prompt_follows_the_state(server_process: ServerProcess, exit_key: str) -> None:
+    # PROMPT_TOOLKIT_NO_CPR: this fake terminal never answers cursor-position requests.
+    env = {**server_process.env, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    with Terminal([executable("chat"), "--port", str(server_process.port)], env) as term:
+        term.expect("type /help for the commands")
+        # prompt_toolkit draws the prompt's trailing space as a cursor move.
+        term.expect(">")
+        term.type("/create lobby alice\r")
+        term.expect("* room lobby created; you joined as alice")
+        term.expect("[lobby as alice]>")
+        term.type("half a line\x03")  # Ctrl-C drops what was typed and keeps the session
+        term.expect("[lobby as alice]>")
+        term.type("hello\r")
+        term.expect("alice : hello")  # not "half a linehello"
+        # Keys typed while a line is printed above the prompt meet a terminal in cooked mode: wait for the prompt.
+        term.expect("[lobby as alice]>")
+        term.type(exit_key)  # on an empty line, either key leaves the room and exits
+        assert term.wait() == 0
+    assert "* you left lobby" in term.screen
+    assert "Traceback" not in term.screen
