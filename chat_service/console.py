@@ -32,7 +32,8 @@ async def run_console(registry: Registry[bytes]) -> None:
             if not rooms:
                 print("no rooms")
             for room in rooms:
-                print(f"  {room.name} ({room.member_count} members)")
+                count = room.member_count
+                print(f"  {room.name} ({count} member{'' if count == 1 else 's'})")
         elif command == "/kill" and argument:
             try:
                 ejected = await registry.kill_room(argument)

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import pty
-import select
 import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from chat_cli.session import ConnectionLost, Incoming, Session, SessionError
-from chat_service.server import ChatServer
-from tests.conftest import ServerProcess, executable, start_server_process
+from tests.conftest import ServerProcess, executable
 from tests.proc import Proc, chat, run_admin, unused_port
+from tests.terminal import Terminal
 
 NOT_IN_ROOM = "error: you are not in a room; /join ROOM or /create ROOM first"
 
@@ -234,171 +226,9 @@ def test_no_server_is_a_clear_error() -> None:
     assert result.stdout == ""
 
 
-class Recorder:
-    """Collects the kind of each event a Session delivers, and the member name it came with."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
-        self.lost: list[str] = []
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-
-    def __call__(self, incoming: Incoming, me: str) -> None:
-        if isinstance(incoming, ConnectionLost):
-            kind = "lost"
-            self.lost.append(incoming.message)
-        else:
-            kind = str(incoming.WhichOneof("kind"))
-        self.seen.append((kind, me))
-        self._queue.put_nowait(kind)
-
-    async def until(self, kind: str) -> None:
-        """Wait until an event of `kind` is delivered (or was, and has not been waited for yet)."""
-        async with asyncio.timeout(10):
-            while await self._queue.get() != kind:
-                pass
-
-
-async def test_session_tracks_state_and_members(server: ChatServer) -> None:
-    alice_saw, bob_saw = Recorder(), Recorder()
-    async with Session(server.address, alice_saw) as alice, Session(server.address, bob_saw) as bob:
-        await alice.connect()
-        await bob.connect()
-        assert (alice.room, alice.name) == (None, None)
-        joined = await alice.create("lobby", "alice")
-        # Delivered before create() returns, so a front end prints the join before anything that follows it.
-        assert alice_saw.seen == [("joined", "alice")]
-        assert joined is not None and joined.created
-        assert (alice.room, alice.name) == ("lobby", "alice")
-
-        assert await bob.join("nowhere") is None
-        assert bob_saw.seen == [("error", "")]
-        assert bob.room is None
-        assert await bob.join("lobby", "bob") is not None
-        assert bob.who() == ("lobby", ["alice", "bob"])
-        await alice_saw.until("member_joined")
-        assert alice.who() == ("lobby", ["alice", "bob"])
-
-        await bob.whisper("alice", "psst")
-        await alice_saw.until("whisper")
-        assert await bob.leave() == "lobby"
-        assert bob.room is None
-        await alice_saw.until("member_left")
-        assert alice.who() == ("lobby", ["alice"])
-
-        await server.registry.kill_room("lobby")
-        await alice_saw.until("room_closed")
-        assert alice.room is None
-        assert alice_saw.lost == bob_saw.lost == []
-
-
-@pytest.fixture
-def small_queue_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    """A `chat-server` process that drops a member as soon as 16 events wait for it."""
-    server = start_server_process(tmp_path / "state", "--max-queue", "16")
-    try:
-        yield server
-    finally:
-        server.process.terminate()
-        server.process.wait(timeout=10)
-        if server.process.stdout is not None:
-            server.process.stdout.close()
-
-
-async def test_session_too_slow_to_read_is_back_to_waiting_with_the_servers_reason(
-    small_queue_server: ServerProcess,
-) -> None:
-    seen = Recorder()
-    with chat(small_queue_server) as sender:
-        sender.send("/create r fast")
-        sender.expect("* room r created")
-        async with Session(small_queue_server.address, seen) as slow:
-            await slow.connect()
-            await slow.join("r", "slow")
-            sender.expect("* slow joined")
-            # Blocking calls stall this event loop, so the session reads nothing until the server gives up on it;
-            # the lines are large so that the transport's buffers fill and the server's queue for it overflows.
-            for n in range(2000):
-                sender.send(f"{n:04} {'x' * 4000}")
-            sender.expect("* slow left (too slow, disconnected)")
-            await seen.until("lost")
-            assert slow.room is None
-            assert seen.lost == [
-                "you were disconnected from room 'r': more than 16 events were waiting for you to read them"
-            ]
-
-
-async def test_session_refuses_what_the_state_forbids(server: ChatServer) -> None:
-    async with Session(server.address, Recorder()) as session:
-        await session.connect()
-        for attempt in (session.say("hi"), session.whisper("bob", "hi"), session.leave()):
-            with pytest.raises(SessionError, match="you are not in a room"):
-                await attempt
-        with pytest.raises(SessionError, match="you are not in a room"):
-            session.who()
-        await session.create("lobby")
-        with pytest.raises(SessionError, match="you are already in room lobby; /leave first"):
-            await session.join("lobby")
-        with pytest.raises(SessionError, match="you are already in room lobby; /leave first"):
-            await session.create("other")
-
-
-class Terminal:
-    """A program on a pseudo-terminal, so that it runs its interactive front end."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.fd, child_end = pty.openpty()
-        self.popen = subprocess.Popen(args, stdin=child_end, stdout=child_end, stderr=child_end, env=env)
-        os.close(child_end)
-        self.screen = ""
-
-    def __enter__(self) -> Terminal:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
-        os.close(self.fd)
-
-    def type(self, keys: str) -> None:
-        os.write(self.fd, keys.encode())
-
-    def expect(self, text: str, timeout: float = 10.0) -> None:
-        """Read the terminal until `text` has been drawn since the last match."""
-        deadline = time.monotonic() + timeout
-        while text not in self.screen:
-            if not self._read(deadline):
-                raise AssertionError(f"{text!r} never appeared; the terminal shows {self.screen!r}")
-        self.screen = self.screen[self.screen.index(text) + len(text) :]
-
-    def wait(self, timeout: float = 10.0) -> int:
-        """Read the terminal until the program exits and closes it; return the exit status."""
-        deadline = time.monotonic() + timeout
-        while self._read(deadline):
-            pass
-        try:
-            return self.popen.wait(max(deadline - time.monotonic(), 0))
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout} s; the terminal shows {self.screen!r}") from None
-
-    def _read(self, deadline: float) -> bool:
-        """Append what the program drew; False on timeout or once the program has closed the terminal."""
-        ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            return False
-        try:
-            chunk = os.read(self.fd, 4096)
-        except OSError:  # Linux reports a pseudo-terminal closed by its program as EIO
-            return False
-        self.screen += chunk.decode(errors="replace")
-        return bool(chunk)
-
-
 @pytest.mark.parametrize("exit_key", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
 def test_interactive_prompt_follows_the_state(server_process: ServerProcess, exit_key: str) -> None:
-    # PROMPT_TOOLKIT_NO_CPR: this fake terminal never answers cursor-position requests.
-    env = {**server_process.env, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    with Terminal([executable("chat"), "--port", str(server_process.port)], env) as term:
+    with Terminal([executable("chat"), "--port", str(server_process.port)], server_process.env) as term:
         term.expect("type /help for the commands")
         # prompt_toolkit draws the prompt's trailing space as a cursor move.
         term.expect(">")
