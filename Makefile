@@ -64,7 +64,7 @@ test: proto lint $(NODE_TEST_DEPS)
 
 ## bench: the fan-out benchmark (QUICK=1 for small shapes)
 bench: proto
-	$(BIN)/python -m bench $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench $(if $(QUICK),--quick,) $(if $(RUNS),--runs $(RUNS),)
 
 clean:
 	rm -rf $(VENV) $(PB) tools/node_modules tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache
