@@ -213,7 +213,26 @@ class MemoryRegistry(Generic[T]):
 
     def fan_out(self, room: _Room[T], event: Event) -> None:
         """Encode `event` once and queue it for every member of `room`, in the same order for all."""
-        item = self.encode(event)
+        slow = self._queue_for_all(room, self.encode(event))
+        # Each eviction is announced to the rest, which can overflow more queues. Everyone full is dropped before
+        # any announcement, in rounds rather than by recursion, so that a room of stalled members costs neither
+        # the stack nor a quadratic worklist.
+        while slow:
+            dropped = [member for member in slow if self._drop(member)]
+            overflowed: dict[Member[T], None] = {}
+            for member in dropped:
+                left = self.encode(MemberLeft(member.name, LeaveReason.TOO_SLOW))
+                overflowed.update(dict.fromkeys(self._queue_for_all(room, left)))
+            slow = list(overflowed)
+
+    def evict(self, member: Member[T]) -> None:
+        """Drop a member whose queue is full, so the rest of its room is never held up by it."""
+        room = member._room
+        if room is not None and self._drop(member):
+            self.fan_out(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
+
+    def _queue_for_all(self, room: _Room[T], item: T) -> list[Member[T]]:
+        """Queue `item` for every member with room for it; return the members whose queues are full."""
         limit = self.queue_limit
         slow: list[Member[T]] = []
         for member in room.members.values():
@@ -223,15 +242,13 @@ class MemoryRegistry(Generic[T]):
                 continue
             queue.append(item)
             member.wake()
-        # Evicting broadcasts a MemberLeft to this room, so it waits until the loop above is done.
-        for member in slow:
-            self.evict(member)
+        return slow
 
-    def evict(self, member: Member[T]) -> None:
-        """Drop a member whose queue is full, so the rest of its room is never held up by it."""
+    def _drop(self, member: Member[T]) -> bool:
+        """Take a too-slow member out of its room and tell its stream why; False if it had already gone."""
         room = member._room
         if room is None:
-            return
+            return False
         member._queue.clear()
         member.close()
         del room.members[member.name]
@@ -244,7 +261,7 @@ class MemoryRegistry(Generic[T]):
                 )
             )
         log.info("%s dropped from room %s for reading too slowly", member.name, room.name)
-        self.fan_out(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
+        return True
 
     def _create(self, room: str) -> _Room[T]:
         check_name(room, "room")

@@ -228,3 +228,24 @@ async def test_report_queues_an_error_for_one_member() -> None:
     alice.report(error)
     assert drain(alice) == [Problem(error)]
     assert drain(bob) == []
+
+
+async def test_a_room_of_stalled_members_is_evicted_at_once() -> None:
+    limit = 4000
+    rooms = registry(queue_limit=limit)
+    sender = await rooms.join("r", "sender", create=True)
+    stalled = []
+    for i in range(3000):
+        stalled.append(await rooms.join("r", f"m{i}"))
+        await take(sender)
+    for member in stalled:
+        member._queue.clear()
+        member._queue.extend([MemberJoined("filler")] * (limit - 1))
+    # Every stalled queue overflows at the same message, and each eviction is announced to the others.
+    await sender.say("fills")
+    await sender.say("overflows")
+    assert all(member.evicted.done() for member in stalled)
+    assert [r.member_count for r in await rooms.list_rooms()] == [1]
+    left = [event for event in sender._queue if isinstance(event, MemberLeft)]
+    assert len(left) == 3000
+    assert {event.reason for event in left} == {LeaveReason.TOO_SLOW}
