@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 
 from prompt_toolkit.patch_stdout import patch_stdout
@@ -47,10 +48,20 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host, port=args.port, admin_token_file=args.admin_token_file, queue_limit=args.max_queue
         )
         try:
-            asyncio.run(run(config, console=console))
+            _run_loop(run(config, console=console))
         except (OSError, RuntimeError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def _run_loop(main: Coroutine[None, None, None]) -> None:
+    """Run on uvloop where it is installed: its faster loop cuts the server's CPU per delivery (bench/README.md)."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def _stdout_guard(console: bool) -> contextlib.AbstractContextManager[object]:

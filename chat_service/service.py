@@ -58,20 +58,26 @@ class ChatServicer:
         if member is None:
             return
         reader = asyncio.create_task(_serve_requests(requests, member))
-        writer = asyncio.create_task(_deliver(member, context))
+        guard = _WriteGuard()
+        member.evicted.add_done_callback(guard.interrupt)
         try:
-            await asyncio.wait((writer, member.evicted), return_when=asyncio.FIRST_COMPLETED)
+            try:
+                while batch := await member.next_batch():
+                    guard.writing = True
+                    await context.write(b"".join(batch))
+                    guard.writing = False
+            except asyncio.CancelledError:
+                if not guard.interrupted:
+                    raise
+                guard.uncancel()
             if member.evicted.done():
-                writer.cancel()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, member.evicted.result().message)
-            await writer
             # A client still writing when the server ends the call loses the events it has not read yet, so
             # after the room's last event the client gets a moment to see it and half-close first.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader), CLIENT_CLOSE_GRACE_SECONDS)
         finally:
             reader.cancel()
-            writer.cancel()
             await member.leave(LeaveReason.DISCONNECTED)
 
     async def _join(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> Membership[bytes] | None:
@@ -114,10 +120,25 @@ async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membe
     await member.leave(LeaveReason.DISCONNECTED)
 
 
-async def _deliver(member: Membership[bytes], context: Context) -> None:
-    """Write each batch of queued events in one message until the membership ends."""
-    while batch := await member.next_batch():
-        await context.write(b"".join(batch))
+class _WriteGuard:
+    """Lets an eviction interrupt the stream's handler while a slow client's flow control holds its write."""
+
+    __slots__ = ("interrupted", "task", "writing")
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.writing = False
+        self.interrupted = False
+
+    def interrupt(self, _: object) -> None:
+        # Only a blocked write needs cancelling: a handler waiting for events sees the end of its queue instead.
+        if self.writing and self.task is not None:
+            self.interrupted = True
+            self.task.cancel()
+
+    def uncancel(self) -> None:
+        if self.task is not None:
+            self.task.uncancel()
 
 
 async def _abort(context: grpc.aio.ServicerContext[object, object], error: ChatError) -> None:
