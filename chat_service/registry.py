@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from chat_service.errors import ChatError
@@ -40,8 +41,8 @@ class Membership(Protocol[T]):
     def report(self, error: ChatError) -> None:
         """Queue a failed request's error for this member alone, in order with its other events."""
 
-    async def next_batch(self) -> list[T]:
-        """Wait for events and take everything queued (up to a bound); [] once the membership ended."""
+    async def deliver(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
+        """Write this member's events with `write`, everything queued (up to a bound) at a time, until it ends."""
 
 
 class Registry(Protocol[T]):

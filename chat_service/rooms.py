@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 from chat_service.errors import ChatError, ErrorKind
@@ -32,6 +32,40 @@ T = TypeVar("T")
 
 DEFAULT_QUEUE_LIMIT = 1024
 DEFAULT_BATCH_LIMIT = 256
+DEFAULT_WRITE_SLOTS = 16
+
+
+class WriteSlots:
+    """A FIFO pool of slots, one held by each stream while its write is in flight."""
+
+    __slots__ = ("_free", "_waiting")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in line when none is free."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        slot = asyncio.get_running_loop().create_future()
+        self._waiting.append(slot)
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """Give a slot back, straight to the longest waiter if there is one."""
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+        self._free += 1
 
 
 class _Room(Generic[T]):
@@ -99,17 +133,30 @@ class Member(Generic[T]):
     def report(self, error: ChatError) -> None:
         self.push(self._registry.encode(Problem(error)))
 
-    async def next_batch(self) -> list[T]:
-        queue = self._queue
-        while not queue:
-            if self._room is None:
-                return []
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
+    async def deliver(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
+        # Writes in flight are capped server-wide: the transport completes operations in order, so a flood of
+        # writes would hold back reading the room's next requests. Capped, reading keeps up, and what arrives
+        # while a member waits for a slot joins its batch (bench/README.md has the measurements).
+        slots = self._registry.slots
+        while True:
+            while not self._queue:
+                if self._room is None:
+                    return
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiter = waiter
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+            await slots.acquire()
             try:
-                await waiter
+                if self._queue:
+                    await write(self._take())
             finally:
-                self._waiter = None
+                slots.release()
+
+    def _take(self) -> list[T]:
+        queue = self._queue
         limit = self._registry.batch_limit
         if len(queue) <= limit:
             self._queue = deque()
@@ -157,10 +204,12 @@ class MemoryRegistry(Generic[T]):
         *,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
         batch_limit: int = DEFAULT_BATCH_LIMIT,
+        write_slots: int = DEFAULT_WRITE_SLOTS,
     ) -> None:
         self.encode = encode
         self.queue_limit = queue_limit
         self.batch_limit = batch_limit
+        self.slots = WriteSlots(write_slots)
         self._rooms: dict[str, _Room[T]] = {}
         self._closed = False
 

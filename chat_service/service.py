@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -62,10 +62,7 @@ class ChatServicer:
         member.evicted.add_done_callback(guard.interrupt)
         try:
             try:
-                while batch := await member.next_batch():
-                    guard.writing = True
-                    await context.write(b"".join(batch))
-                    guard.writing = False
+                await member.deliver(guard.writer(context))
             except asyncio.CancelledError:
                 if not guard.interrupted:
                     raise
@@ -135,6 +132,16 @@ class _WriteGuard:
         if self.writing and self.task is not None:
             self.interrupted = True
             self.task.cancel()
+
+    def writer(self, context: Context) -> Callable[[list[bytes]], Awaitable[None]]:
+        """Write one batch as one ChatResponse, marked as a write the guard may interrupt."""
+
+        async def write(batch: list[bytes]) -> None:
+            self.writing = True
+            await context.write(b"".join(batch))
+            self.writing = False
+
+        return write
 
     def uncancel(self) -> None:
         if self.task is not None:

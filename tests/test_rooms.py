@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -19,7 +20,7 @@ from chat_service.events import (
     RoomClosed,
     Whisper,
 )
-from chat_service.rooms import Member, MemoryRegistry
+from chat_service.rooms import Member, MemoryRegistry, WriteSlots
 
 
 def _identity(event: Event) -> Event:
@@ -36,7 +37,22 @@ def drain(member: Member[Event]) -> list[Event]:
 
 
 async def take(member: Member[Event]) -> list[Event]:
-    return await asyncio.wait_for(member.next_batch(), 1)
+    """The next batch the member's stream would write; [] once its membership has ended."""
+    written: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+
+    async def write(batch: list[Event]) -> None:
+        written.set_result(batch)
+        await asyncio.Event().wait()
+
+    delivering = asyncio.create_task(member.deliver(write))
+    await asyncio.wait((delivering, written), timeout=1, return_when=asyncio.FIRST_COMPLETED)
+    delivering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await delivering
+    if written.done():
+        return written.result()
+    assert delivering.cancelled() or delivering.done(), "neither a batch nor the end came within 1 s"
+    return []
 
 
 async def test_join_sees_members_and_others_see_join() -> None:
@@ -172,12 +188,19 @@ async def test_waiting_member_wakes_on_a_message() -> None:
     alice = await rooms.join("r", "alice", create=True)
     bob = await rooms.join("r", "bob")
     await take(bob)
-    waiting = asyncio.create_task(bob.next_batch())
+    batches: asyncio.Queue[list[Event]] = asyncio.Queue()
+
+    async def write(batch: list[Event]) -> None:
+        batches.put_nowait(batch)
+
+    delivering = asyncio.create_task(bob.deliver(write))
     await asyncio.sleep(0)
-    assert not waiting.done()
+    assert batches.empty()
     await alice.say("wake up")
-    batch = await asyncio.wait_for(waiting, 1)
+    batch = await asyncio.wait_for(batches.get(), 1)
     assert [e.text for e in batch if isinstance(e, Message)] == ["wake up"]
+    await bob.leave()
+    await asyncio.wait_for(delivering, 1)
 
 
 async def test_batches_are_bounded() -> None:
@@ -249,3 +272,49 @@ async def test_a_room_of_stalled_members_is_evicted_at_once() -> None:
     left = [event for event in sender._queue if isinstance(event, MemberLeft)]
     assert len(left) == 3000
     assert {event.reason for event in left} == {LeaveReason.TOO_SLOW}
+
+
+async def test_write_slots_cap_writes_in_flight_and_serve_in_order() -> None:
+    slots = WriteSlots(2)
+    await slots.acquire()
+    await slots.acquire()
+    order: list[int] = []
+
+    async def wait_then_note(n: int) -> None:
+        await slots.acquire()
+        order.append(n)
+
+    waiters = [asyncio.create_task(wait_then_note(n)) for n in range(3)]
+    await asyncio.sleep(0)
+    assert order == []
+    slots.release()
+    await waiters[0]
+    assert order == [0]
+    waiters[1].cancel()
+    slots.release()
+    slots.release()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert order == [0, 2]
+
+
+async def test_events_arriving_while_waiting_for_a_slot_join_the_batch() -> None:
+    rooms = MemoryRegistry(_identity, write_slots=1)
+    alice = await rooms.join("r", "alice", create=True)
+    bob = await rooms.join("r", "bob")
+    await take(alice)
+    await rooms.slots.acquire()
+    batches: asyncio.Queue[list[Event]] = asyncio.Queue()
+
+    async def write(batch: list[Event]) -> None:
+        batches.put_nowait(batch)
+
+    delivering = asyncio.create_task(bob.deliver(write))
+    for text in ("one", "two", "three"):
+        await alice.say(text)
+        await asyncio.sleep(0)
+    assert batches.empty()
+    rooms.slots.release()
+    batch = await asyncio.wait_for(batches.get(), 1)
+    assert [e.text for e in batch if isinstance(e, Message)] == ["one", "two", "three"]
+    await bob.leave()
+    await asyncio.wait_for(delivering, 1)
