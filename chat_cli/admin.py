@@ -15,6 +15,7 @@ from prompt_toolkit import PromptSession
 from chat_cli import render
 from chat_cli.commands import ADMIN_USAGE, AdminCommand, Help, Invalid, Kill, Ls, Quit, parse_admin
 from chat_cli.session import CONNECT_TIMEOUT, RPC_TIMEOUT, SessionError, UnreachableError, target
+from chat_cli.terminal import ctrl_c_keeps_prompting
 from chat_service._pb.chat.v1 import chat_pb2, chat_pb2_grpc
 
 TOKEN_ENV_VAR = "CHAT_ADMIN_TOKEN"
@@ -189,8 +190,7 @@ def _console_lines() -> Iterator[str]:
         try:
             yield prompt.prompt("admin> ")
         except KeyboardInterrupt:
-            # Ctrl-C discards a half-typed line; on an empty line it exits, like Ctrl-D.
-            if prompt.default_buffer.text:
+            if ctrl_c_keeps_prompting(prompt):
                 continue
             return
         except EOFError:

@@ -30,6 +30,7 @@ from chat_cli.commands import (
     parse,
 )
 from chat_cli.session import Incoming, Session, SessionError, target
+from chat_cli.terminal import ctrl_c_keeps_prompting
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,8 +151,7 @@ async def _interactive(session: Session) -> None:
             try:
                 line = await prompt.prompt_async(message)
             except KeyboardInterrupt:
-                # Ctrl-C discards a half-typed line; on an empty line it exits, like Ctrl-D.
-                if prompt.default_buffer.text:
+                if ctrl_c_keeps_prompting(prompt):
                     continue
                 return
             except EOFError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import subprocess
@@ -28,15 +29,22 @@ def executable(name: str) -> str:
     return str(path)
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ChatServer]:
-    """A real grpc.aio chat server on 127.0.0.1, port 0, in this event loop."""
-    chat = ChatServer(Config(port=0, grace_seconds=1.0), token="test-admin-token")
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[ChatServer]:
+    """A real grpc.aio chat server with `config` (use port 0) in this event loop, stopped on exit."""
+    chat = ChatServer(config, token="test-admin-token")
     await chat.start()
     try:
         yield chat
     finally:
         await chat.stop()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ChatServer]:
+    """A real grpc.aio chat server on 127.0.0.1, port 0, in this event loop."""
+    async with running(Config(port=0, grace_seconds=1.0)) as chat:
+        yield chat
 
 
 @pytest.fixture

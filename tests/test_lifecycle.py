@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.server import ChatServer, Config
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, running
 from tests.streams import Stream
 
 if TYPE_CHECKING:
@@ -73,12 +73,8 @@ async def test_killed_client_process_is_removed(stub: Stub, server: ChatServer) 
 
 @pytest.fixture
 async def small_queue_server() -> AsyncIterator[ChatServer]:
-    chat = ChatServer(Config(port=0, queue_limit=16, grace_seconds=1.0), token="t")
-    await chat.start()
-    try:
+    async with running(Config(port=0, queue_limit=16, grace_seconds=1.0)) as chat:
         yield chat
-    finally:
-        await chat.stop()
 
 
 async def test_member_too_slow_to_read_is_dropped_and_the_room_goes_on(small_queue_server: ChatServer) -> None:
@@ -206,12 +202,8 @@ class FreezingProxy:
 
 @pytest.fixture
 async def fast_keepalive_server() -> AsyncIterator[ChatServer]:
-    chat = ChatServer(Config(port=0, keepalive_seconds=1.0, grace_seconds=1.0), token="t")
-    await chat.start()
-    try:
+    async with running(Config(port=0, keepalive_seconds=1.0, grace_seconds=1.0)) as chat:
         yield chat
-    finally:
-        await chat.stop()
 
 
 async def test_member_behind_a_dead_network_is_removed_by_keepalive(fast_keepalive_server: ChatServer) -> None:
