@@ -97,10 +97,11 @@ def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def start_server_process(state_dir: Path, *args: str) -> ServerProcess:
+def start_server_process(state_dir: Path, *args: str, extra_env: dict[str, str] | None = None) -> ServerProcess:
     """Start `chat-server --port 0` with its own XDG_STATE_HOME and wait until it listens."""
     env = {k: v for k, v in os.environ.items() if k != "CHAT_ADMIN_TOKEN"}
     env["XDG_STATE_HOME"] = str(state_dir)
+    env.update(extra_env or {})
     env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
         [executable("chat-server"), "--port", "0", "--no-console", *args],
