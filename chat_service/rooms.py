@@ -33,39 +33,83 @@ T = TypeVar("T")
 DEFAULT_QUEUE_LIMIT = 1024
 DEFAULT_BATCH_LIMIT = 256
 DEFAULT_WRITE_SLOTS = 16
+DEFAULT_SLOT_HOLD_SECONDS = 0.1
 
 
 class WriteSlots:
-    """A FIFO pool of slots, one held by each stream while its write is in flight."""
+    """A FIFO pool of slots, one leased by each stream while its write is in flight."""
 
-    __slots__ = ("_free", "_waiting")
+    __slots__ = ("_free", "_leases", "_sweeping", "_waiting", "hold_limit")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, hold_limit: float = DEFAULT_SLOT_HOLD_SECONDS) -> None:
         self._free = size
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self._leases: deque[Lease] = deque()
+        self._sweeping = False
+        self.hold_limit = hold_limit
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in line when none is free."""
+    async def acquire(self) -> Lease:
+        """Lease a slot, waiting in line when none is free."""
         if self._free > 0 and not self._waiting:
             self._free -= 1
-            return
+            return self._lease()
         slot = asyncio.get_running_loop().create_future()
         self._waiting.append(slot)
         try:
             await slot
         except asyncio.CancelledError:
             if slot.done() and not slot.cancelled():
-                self.release()
+                self._release()
             raise
+        return self._lease()
 
-    def release(self) -> None:
-        """Give a slot back, straight to the longest waiter if there is one."""
+    def _lease(self) -> Lease:
+        loop = asyncio.get_running_loop()
+        lease = Lease(self, loop.time())
+        self._leases.append(lease)
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(self.hold_limit, self._sweep)
+        return lease
+
+    def _sweep(self) -> None:
+        # A client that stops reading blocks its write on flow control for as long as it likes; without a limit,
+        # a few such clients would hold every slot and stop delivery to everyone else. So a lease older than the
+        # hold limit gives its slot back, and that write goes on without one.
+        loop = asyncio.get_running_loop()
+        expired = loop.time() - self.hold_limit
+        leases = self._leases
+        while leases and (leases[0].released or leases[0].taken_at <= expired):
+            leases.popleft().release()
+        if leases:
+            loop.call_later(self.hold_limit, self._sweep)
+        else:
+            self._sweeping = False
+
+    def _release(self) -> None:
         while self._waiting:
             slot = self._waiting.popleft()
             if not slot.done():
                 slot.set_result(None)
                 return
         self._free += 1
+
+
+class Lease:
+    """One slot, given back by `release`, or by the pool once it is older than the hold limit."""
+
+    __slots__ = ("_slots", "released", "taken_at")
+
+    def __init__(self, slots: WriteSlots, taken_at: float) -> None:
+        self._slots = slots
+        self.taken_at = taken_at
+        self.released = False
+
+    def release(self) -> None:
+        """Give the slot back; later calls do nothing."""
+        if not self.released:
+            self.released = True
+            self._slots._release()
 
 
 class _Room(Generic[T]):
@@ -148,12 +192,12 @@ class Member(Generic[T]):
                     await waiter
                 finally:
                     self._waiter = None
-            await slots.acquire()
+            lease = await slots.acquire()
             try:
                 if self._queue:
                     await write(self._take())
             finally:
-                slots.release()
+                lease.release()
 
     def _take(self) -> list[T]:
         queue = self._queue

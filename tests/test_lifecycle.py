@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat_service.rooms import DEFAULT_WRITE_SLOTS
 from chat_service.server import ChatServer, Config
 from tests.conftest import ServerProcess, running
 from tests.streams import Stream
@@ -219,3 +221,24 @@ async def test_member_behind_a_dead_network_is_removed_by_keepalive(fast_keepali
         proxy.freeze()
         left = (await alice.next(timeout=10)).member_left
         assert (left.name, left.reason) == ("bob", pb.LEAVE_REASON_DISCONNECTED)
+
+
+async def test_clients_that_never_read_cannot_hold_up_other_rooms(server: ChatServer) -> None:
+    # Each non-reader's write blocks on HTTP/2 flow control once its window is full; more of them than the
+    # server has write slots must still leave every other room's delivery running.
+    no_bdp = [("grpc.http2.bdp_probe", 0)]
+    async with contextlib.AsyncExitStack() as stack:
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        flooder, _ = await Stream.joined(stub, "flood", "flooder", create=True)
+        for i in range(2 * DEFAULT_WRITE_SLOTS):
+            idle = await stack.enter_async_context(grpc.aio.insecure_channel(server.address, options=no_bdp))
+            await Stream.joined(chat_pb2_grpc.ChatServiceStub(idle), "flood", f"idle{i}")
+        line = "x" * 4000
+        for _ in range(200):
+            await flooder.say(line)
+            await flooder.next_of("message")
+        alice, _ = await Stream.joined(stub, "calm", "alice", create=True)
+        bob, _ = await Stream.joined(stub, "calm", "bob")
+        await alice.say("still there?")
+        assert (await bob.next_of("message", timeout=5)).message.text == "still there?"

@@ -20,7 +20,7 @@ from chat_service.events import (
     RoomClosed,
     Whisper,
 )
-from chat_service.rooms import Member, MemoryRegistry, WriteSlots
+from chat_service.rooms import Lease, Member, MemoryRegistry, WriteSlots
 
 
 def _identity(event: Event) -> Event:
@@ -276,25 +276,37 @@ async def test_a_room_of_stalled_members_is_evicted_at_once() -> None:
 
 async def test_write_slots_cap_writes_in_flight_and_serve_in_order() -> None:
     slots = WriteSlots(2)
-    await slots.acquire()
-    await slots.acquire()
+    first, second = await slots.acquire(), await slots.acquire()
     order: list[int] = []
+    leases: list[Lease] = []
 
     async def wait_then_note(n: int) -> None:
-        await slots.acquire()
+        leases.append(await slots.acquire())
         order.append(n)
 
     waiters = [asyncio.create_task(wait_then_note(n)) for n in range(3)]
     await asyncio.sleep(0)
     assert order == []
-    slots.release()
+    first.release()
+    first.release()
     await waiters[0]
     assert order == [0]
     waiters[1].cancel()
-    slots.release()
-    slots.release()
+    second.release()
     await asyncio.gather(*waiters, return_exceptions=True)
     assert order == [0, 2]
+    for lease in leases:
+        lease.release()
+
+
+async def test_a_lease_held_too_long_gives_its_slot_back() -> None:
+    slots = WriteSlots(1, hold_limit=0.01)
+    stuck = await slots.acquire()
+    next_lease = await asyncio.wait_for(slots.acquire(), 1)
+    stuck.release()
+    next_lease.release()
+    again = await asyncio.wait_for(slots.acquire(), 1)
+    again.release()
 
 
 async def test_events_arriving_while_waiting_for_a_slot_join_the_batch() -> None:
@@ -302,7 +314,8 @@ async def test_events_arriving_while_waiting_for_a_slot_join_the_batch() -> None
     alice = await rooms.join("r", "alice", create=True)
     bob = await rooms.join("r", "bob")
     await take(alice)
-    await rooms.slots.acquire()
+    rooms.slots.hold_limit = 60
+    held = await rooms.slots.acquire()
     batches: asyncio.Queue[list[Event]] = asyncio.Queue()
 
     async def write(batch: list[Event]) -> None:
@@ -313,7 +326,7 @@ async def test_events_arriving_while_waiting_for_a_slot_join_the_batch() -> None
         await alice.say(text)
         await asyncio.sleep(0)
     assert batches.empty()
-    rooms.slots.release()
+    held.release()
     batch = await asyncio.wait_for(batches.get(), 1)
     assert [e.text for e in batch if isinstance(e, Message)] == ["one", "two", "three"]
     await bob.leave()
