@@ -224,7 +224,7 @@ class Member(Generic[T]):
         self.close()
 
     def close(self) -> None:
-        """End the membership: the stream drains what is queued, then sees []."""
+        """End the membership: `deliver` writes what is still queued, then returns."""
         self._room = None
         self.wake()
 
