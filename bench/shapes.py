@@ -135,9 +135,9 @@ def waves(shape: Shape, wave_size: int) -> int:
     return -(-(shape.members - 1) // wave_size)
 
 
-def room_size_after(wave: int, shape: Shape, wave_size: int) -> int:
-    """Members in each room once `wave` has joined."""
-    return min(shape.members, 1 + (wave + 1) * wave_size)
+def room_size_after(wave: int, room_members: int, wave_size: int) -> int:
+    """Members in a room of `room_members` once `wave` has joined (the watcher, then `wave_size` a wave)."""
+    return min(room_members, 1 + (wave + 1) * wave_size)
 
 
 def assign(shape: Shape, workers: int, wave_size: int) -> list[list[MemberSpec]]:

@@ -16,7 +16,7 @@ import grpc
 
 from bench import procstat
 from bench.protocol import Check, Command, Done, End, Failed, Final, Go, Join, Opened, Report, Settled, WorkerPlan
-from bench.shapes import MemberSpec
+from bench.shapes import MemberSpec, room_size_after
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 
@@ -446,8 +446,9 @@ class _Worker:
 
     async def _join_wave(self, wave: int, readers: list[asyncio.Task[None]]) -> None:
         """Join this wave's members all at once, then wait until every member has heard of every join so far."""
-        joined = 1 + (wave + 1) * self.plan.wave_size
-        self.targets = {room: min(members, joined) for room, members in self.plan.room_sizes.items()}
+        self.targets = {
+            room: room_size_after(wave, members, self.plan.wave_size) for room, members in self.plan.room_sizes.items()
+        }
         await self._join([m for m in self.members if m.spec.wave == wave], readers)
         # Counted with no await in between, so no announcement can slip between the test and the flag.
         self.lagging = 0
