@@ -12,7 +12,8 @@ from pathlib import Path
 
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from chat_service.rooms import DEFAULT_QUEUE_LIMIT
+from chat_service.history import DEFAULT_HISTORY
+from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
 from chat_service.server import Config, run
 
 
@@ -33,6 +34,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_QUEUE_LIMIT,
         help=f"events waiting for one member before it is dropped as too slow (default: {DEFAULT_QUEUE_LIMIT})",
     )
+    parser.add_argument(
+        "--history",
+        type=_non_negative_int,
+        default=DEFAULT_HISTORY,
+        help=f"recent messages each room keeps for joins and resumes; 0 keeps none (default: {DEFAULT_HISTORY})",
+    )
+    parser.add_argument(
+        "--resume-grace",
+        type=float,
+        default=DEFAULT_RESUME_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="how long a member whose connection dropped keeps its name for a resume "
+        f"(default: {DEFAULT_RESUME_GRACE_SECONDS:g})",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG shows joins and leaves (default: INFO)")
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
     return parser.parse_args(argv)
@@ -45,13 +60,25 @@ def main(argv: list[str] | None = None) -> None:
     with _stdout_guard(console):
         logging.basicConfig(stream=sys.stdout, level=args.log_level.upper(), format="%(message)s")
         config = Config(
-            host=args.host, port=args.port, admin_token_file=args.admin_token_file, queue_limit=args.max_queue
+            host=args.host,
+            port=args.port,
+            admin_token_file=args.admin_token_file,
+            queue_limit=args.max_queue,
+            history=args.history,
+            resume_grace_seconds=args.resume_grace,
         )
         try:
             _run_loop(run(config, console=console))
         except (OSError, RuntimeError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def _run_loop(main: Coroutine[None, None, None]) -> None:

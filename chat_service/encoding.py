@@ -33,18 +33,29 @@ _EVENTS_TAG = b"\x0a"
 def to_proto(event: Event) -> pb.Event:
     """The protobuf form of a domain event."""
     match event:
-        case Message(seq, sender, text, sent_at_ns):
-            message = pb.Message(seq=seq, sender=sender, text=text)
+        case Message(seq, sender, text, sent_at_ns, client_id):
+            message = pb.Message(seq=seq, sender=sender, text=text, client_id=client_id)
             message.sent_at.FromNanoseconds(sent_at_ns)
             return pb.Event(message=message)
-        case Whisper(sender, recipient, text, sent_at_ns):
-            whisper = pb.Whisper(sender=sender, recipient=recipient, text=text)
+        case Whisper(sender, recipient, text, sent_at_ns, client_id):
+            whisper = pb.Whisper(sender=sender, recipient=recipient, text=text, client_id=client_id)
             whisper.sent_at.FromNanoseconds(sent_at_ns)
             return pb.Event(whisper=whisper)
-        case Joined(room, name, members, last_seq, created):
-            return pb.Event(joined=pb.Joined(room=room, name=name, members=members, last_seq=last_seq, created=created))
-        case MemberJoined(name):
-            return pb.Event(member_joined=pb.MemberJoined(name=name))
+        case Joined(room, name, members, last_seq, created, resumed, resume_token, replayed, lost):
+            joined = pb.Joined(
+                room=room,
+                name=name,
+                members=members,
+                last_seq=last_seq,
+                created=created,
+                resumed=resumed,
+                resume_token=resume_token,
+                replayed=replayed,
+                lost=lost,
+            )
+            return pb.Event(joined=joined)
+        case MemberJoined(name, returned):
+            return pb.Event(member_joined=pb.MemberJoined(name=name, returned=returned))
         case MemberLeft(name, reason):
             return pb.Event(member_left=pb.MemberLeft(name=name, reason=_LEAVE_REASONS[reason]))
         case RoomClosed(room, reason):

@@ -18,6 +18,7 @@ class ErrorKind(enum.Enum):
     NOT_JOINED = enum.auto()
     BAD_REQUEST = enum.auto()
     TOO_SLOW = enum.auto()
+    RESUMED_ELSEWHERE = enum.auto()
 
 
 class ChatError(Exception):

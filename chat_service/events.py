@@ -33,14 +33,26 @@ class RoomInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Resume:
+    """What a member presents to come back after its stream broke: its membership's token and the last seq it saw."""
+
+    token: str
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Joined:
-    """Sent to a member once, first: the room it entered and who is there."""
+    """Sent to a member once, first: the room it entered, who is there, and how many history messages follow."""
 
     room: str
     name: str
     members: tuple[str, ...]
     last_seq: int
     created: bool
+    resumed: bool
+    resume_token: str
+    replayed: int
+    lost: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +63,7 @@ class Message:
     sender: str
     text: str
     sent_at_ns: int
+    client_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +74,15 @@ class Whisper:
     recipient: str
     text: str
     sent_at_ns: int
+    client_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class MemberJoined:
-    """Another member entered the room."""
+    """Another member entered the room, or came back after its connection was lost (`returned`)."""
 
     name: str
+    returned: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from chat_service.errors import ChatError
-from chat_service.events import LeaveReason, RoomInfo
+from chat_service.events import LeaveReason, Resume, RoomInfo
 
 T = TypeVar("T")
 
@@ -26,14 +26,14 @@ class Membership(Protocol[T]):
         """The name this member got."""
 
     @property
-    def evicted(self) -> asyncio.Future[ChatError]:
-        """Resolves when the server drops this member for reading too slowly."""
+    def dropped(self) -> asyncio.Future[ChatError]:
+        """Resolves when the server ends this membership itself: too slow to read, or resumed by another stream."""
 
-    async def say(self, text: str) -> None:
-        """Broadcast a line to the room, this member included; raises ChatError."""
+    async def say(self, text: str, client_id: str = "") -> None:
+        """Broadcast a line to the room, this member included, once per non-empty `client_id`; raises ChatError."""
 
-    async def whisper(self, recipient: str, text: str) -> None:
-        """Send a line to one member of the room and echo it to this one; raises ChatError."""
+    async def whisper(self, recipient: str, text: str, client_id: str = "") -> None:
+        """Send a line to one member of the room and echo it to this one, once per `client_id`; raises ChatError."""
 
     async def leave(self, reason: LeaveReason = LeaveReason.LEFT) -> None:
         """Leave the room; safe to call more than once and after the room closed."""
@@ -57,8 +57,12 @@ class Registry(Protocol[T]):
     async def kill_room(self, room: str) -> int:
         """Close a room and eject its members; returns how many; raises ChatError (ROOM_NOT_FOUND)."""
 
-    async def join(self, room: str, name: str, *, create: bool = False) -> Membership[T]:
-        """Enter a room (making it first when `create`); an empty name means the numbered default."""
+    async def join(
+        self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
+    ) -> Membership[T]:
+        """Enter a room (making it first when `create`); an empty name means the numbered default.
+
+        The member first gets the last `history` messages, or with `resume` everything after `resume.last_seq`."""
 
     async def shutdown(self) -> None:
         """Close every room for a server shutdown; later joins fail."""

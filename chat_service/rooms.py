@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,12 +21,14 @@ from chat_service.events import (
     MemberLeft,
     Message,
     Problem,
+    Resume,
     RoomClosed,
     RoomInfo,
     Whisper,
 )
+from chat_service.history import DEFAULT_HISTORY, History
 from chat_service.registry import DEFAULT_NAME
-from chat_service.validation import check_name, check_text
+from chat_service.validation import check_client_id, check_name, check_text
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ DEFAULT_QUEUE_LIMIT = 1024
 DEFAULT_BATCH_LIMIT = 256
 DEFAULT_WRITE_SLOTS = 16
 DEFAULT_SLOT_HOLD_SECONDS = 0.1
+DEFAULT_RESUME_GRACE_SECONDS = 30.0
+# How many of a member's recent client ids are remembered to recognise a re-sent line.
+SENT_IDS_KEPT = 256
 
 
 class WriteSlots:
@@ -113,57 +120,103 @@ class Lease:
 
 
 class _Room(Generic[T]):
-    __slots__ = ("members", "name", "seq")
+    __slots__ = ("history", "members", "name", "seats", "uid")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, history_limit: int) -> None:
         self.name = name
+        # Tokens carry the uid, so that a resume cannot land in a newer room that took the same name.
+        self.uid = secrets.token_hex(6)
         self.members: dict[str, Member[T]] = {}
-        self.seq = 0
+        self.seats: dict[str, _Seat[T]] = {}
+        self.history = History[T](history_limit)
 
     def info(self) -> RoomInfo:
-        return RoomInfo(self.name, len(self.members), self.seq)
+        return RoomInfo(self.name, len(self.members), self.history.last_seq)
+
+
+class _Seat(Generic[T]):
+    """A name held in a room across reconnects: by a live member, or reserved for a while after its stream broke."""
+
+    __slots__ = ("expiry", "member", "name", "sent", "token")
+
+    def __init__(self, room: _Room[T], name: str) -> None:
+        self.name = name
+        self.token = f"{room.uid}.{secrets.token_urlsafe(16)}"
+        self.member: Member[T] | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+        self.sent: dict[str, T] = {}
+
+    def remember(self, client_id: str, item: T) -> None:
+        """Keep what a client id produced, so that a re-send gets it back instead of a second broadcast."""
+        sent = self.sent
+        sent[client_id] = item
+        if len(sent) > SENT_IDS_KEPT:
+            del sent[next(iter(sent))]
+
+    def release(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
 
 
 class Member(Generic[T]):
     """A membership of the in-memory registry; every method runs to completion without yielding."""
 
-    __slots__ = ("_evicted", "_queue", "_registry", "_room", "_waiter", "name")
+    __slots__ = ("_backlog", "_dropped", "_queue", "_registry", "_room", "_seat", "_waiter")
 
-    def __init__(self, registry: MemoryRegistry[T], room: _Room[T], name: str) -> None:
+    def __init__(self, registry: MemoryRegistry[T], room: _Room[T], seat: _Seat[T], backlog: list[T]) -> None:
         self._registry = registry
         self._room: _Room[T] | None = room
-        self.name = name
+        self._seat = seat
+        # The join's answer and its history, written before anything live and not counted against the bound.
+        self._backlog: list[T] | None = backlog
         self._queue: deque[T] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._evicted: asyncio.Future[ChatError] = asyncio.get_running_loop().create_future()
+        self._dropped: asyncio.Future[ChatError] = asyncio.get_running_loop().create_future()
 
     @property
     def room(self) -> str:
         return self._room.name if self._room is not None else ""
 
     @property
-    def evicted(self) -> asyncio.Future[ChatError]:
-        return self._evicted
+    def name(self) -> str:
+        return self._seat.name
 
-    async def say(self, text: str) -> None:
+    @property
+    def dropped(self) -> asyncio.Future[ChatError]:
+        return self._dropped
+
+    async def say(self, text: str, client_id: str = "") -> None:
         room = self._joined_room()
         check_text(text)
-        room.seq += 1
-        self._registry.fan_out(room, Message(room.seq, self.name, text, time.time_ns()))
+        if client_id and self._resent(check_client_id(client_id)):
+            return
+        seq = room.history.last_seq + 1
+        item = self._registry.fan_out(room, Message(seq, self.name, text, time.time_ns(), client_id))
+        room.history.append(seq, item)
+        if client_id:
+            self._seat.remember(client_id, item)
 
-    async def whisper(self, recipient: str, text: str) -> None:
+    async def whisper(self, recipient: str, text: str, client_id: str = "") -> None:
         room = self._joined_room()
         check_text(text)
+        if client_id and self._resent(check_client_id(client_id)):
+            return
         target = room.members.get(recipient)
         if target is None:
+            away = recipient in room.seats
             raise ChatError(
                 ErrorKind.MEMBER_NOT_FOUND,
-                f"nobody named {recipient!r} is in room {room.name!r}; /who lists its members",
+                f"{recipient} lost their connection and may be back shortly; try again later"
+                if away
+                else f"nobody named {recipient!r} is in room {room.name!r}; /who lists its members",
             )
-        item = self._registry.encode(Whisper(self.name, recipient, text, time.time_ns()))
+        item = self._registry.encode(Whisper(self.name, recipient, text, time.time_ns(), client_id))
         target.push(item)
         if target is not self:
             self.push(item)
+        if client_id:
+            self._seat.remember(client_id, item)
 
     async def leave(self, reason: LeaveReason = LeaveReason.LEFT) -> None:
         room = self._room
@@ -171,6 +224,7 @@ class Member(Generic[T]):
             return
         self.close()
         del room.members[self.name]
+        self._registry.vacate(room, self._seat, reason)
         log.debug("%s left room %s (%s)", self.name, room.name, reason.name.lower())
         self._registry.fan_out(room, MemberLeft(self.name, reason))
 
@@ -183,7 +237,7 @@ class Member(Generic[T]):
         # while a member waits for a slot joins its batch (bench/README.md has the measurements).
         slots = self._registry.slots
         while True:
-            while not self._queue:
+            while not self._queue and not self._backlog:
                 if self._room is None:
                     return
                 waiter = asyncio.get_running_loop().create_future()
@@ -194,18 +248,33 @@ class Member(Generic[T]):
                     self._waiter = None
             lease = await slots.acquire()
             try:
-                if self._queue:
+                if self._queue or self._backlog:
                     await write(self._take())
             finally:
                 lease.release()
 
     def _take(self) -> list[T]:
-        queue = self._queue
         limit = self._registry.batch_limit
+        batch: list[T] = []
+        if self._backlog is not None:
+            batch, rest = self._backlog[:limit], self._backlog[limit:]
+            self._backlog = rest or None
+            limit -= len(batch)
+        queue = self._queue
         if len(queue) <= limit:
             self._queue = deque()
-            return list(queue)
-        return [queue.popleft() for _ in range(limit)]
+            batch.extend(queue)
+        else:
+            batch.extend(queue.popleft() for _ in range(limit))
+        return batch
+
+    def _resent(self, client_id: str) -> bool:
+        """Give a re-sent line's original event back to this member alone; False if the id is new."""
+        sent = self._seat.sent.get(client_id)
+        if sent is None:
+            return False
+        self.push(sent)
+        return True
 
     def push(self, item: T) -> None:
         """Queue one encoded event for this member alone; a full queue evicts it."""
@@ -228,6 +297,14 @@ class Member(Generic[T]):
         self._room = None
         self.wake()
 
+    def drop(self, error: ChatError) -> None:
+        """End the membership at once, discarding what is queued, and tell its stream why through `dropped`."""
+        self._queue.clear()
+        self._backlog = None
+        self.close()
+        if not self._dropped.done():
+            self._dropped.set_result(error)
+
     def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -249,11 +326,15 @@ class MemoryRegistry(Generic[T]):
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
         batch_limit: int = DEFAULT_BATCH_LIMIT,
         write_slots: int = DEFAULT_WRITE_SLOTS,
+        history_limit: int = DEFAULT_HISTORY,
+        resume_grace: float = DEFAULT_RESUME_GRACE_SECONDS,
     ) -> None:
         self.encode = encode
         self.queue_limit = queue_limit
         self.batch_limit = batch_limit
         self.slots = WriteSlots(write_slots)
+        self.history_limit = history_limit
+        self.resume_grace = resume_grace
         self._rooms: dict[str, _Room[T]] = {}
         self._closed = False
 
@@ -271,10 +352,14 @@ class MemoryRegistry(Generic[T]):
         log.info("Room %s killed, %d members ejected", room, ejected)
         return ejected
 
-    async def join(self, room: str, name: str, *, create: bool = False) -> Member[T]:
+    async def join(
+        self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
+    ) -> Member[T]:
         check_name(room, "room")
-        if name:
+        if name or resume is not None:
             check_name(name, "member")
+        if resume is not None:
+            return self._resume(room, name, resume)
         target = self._rooms.get(room)
         if create:
             if target is not None:
@@ -284,19 +369,77 @@ class MemoryRegistry(Generic[T]):
                 ErrorKind.ROOM_NOT_FOUND,
                 f"room {room!r} does not exist; /ls lists rooms, /create {room} makes it",
             )
-        if target is not None and name in target.members:
-            raise ChatError(
-                ErrorKind.NAME_TAKEN, f"someone in room {room!r} is already called {name!r}; pick another name"
-            )
+        if target is not None and name in target.seats:
+            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
         if target is None:
             target = self._create(room)
-        given = name or _free_default(target.members)
-        member = Member(self, target, given)
-        member.push(self.encode(Joined(room, given, tuple(sorted([*target.members, given])), target.seq, create)))
-        self.fan_out(target, MemberJoined(given))
-        target.members[given] = member
-        log.debug("%s joined room %s", given, room)
+        seat = _Seat(target, name or _free_default(target.seats))
+        target.seats[seat.name] = seat
+        return self._admit(target, seat, target.history.last(history), lost=0, created=create, resumed=False)
+
+    def _resume(self, room: str, name: str, resume: Resume) -> Member[T]:
+        target = self._rooms.get(room)
+        if target is None or not resume.token.startswith(f"{target.uid}."):
+            raise ChatError(
+                ErrorKind.ROOM_NOT_FOUND,
+                f"room {room!r} no longer exists (it was closed, or the server restarted); /ls lists rooms",
+            )
+        seat = target.seats.get(name)
+        if seat is None:
+            # The grace period ran out, but the name is free: come back under it, with whatever history holds.
+            seat = target.seats[name] = _Seat(target, name)
+        elif not hmac.compare_digest(seat.token, resume.token):
+            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
+        seat.release()
+        replay, lost = target.history.after(resume.last_seq)
+        previous = seat.member
+        if previous is not None:
+            # The old stream is most likely dead but not yet noticed; the room need not hear of the swap.
+            previous.drop(ChatError(ErrorKind.RESUMED_ELSEWHERE, "this membership was resumed on another connection"))
+            del target.members[name]
+        log.debug("%s resumed in room %s after message %d", name, room, resume.last_seq)
+        return self._admit(target, seat, replay, lost=lost, created=False, resumed=True, returned=previous is None)
+
+    def _admit(
+        self,
+        room: _Room[T],
+        seat: _Seat[T],
+        replay: list[T],
+        *,
+        lost: int,
+        created: bool,
+        resumed: bool,
+        returned: bool = False,
+    ) -> Member[T]:
+        """Seat a new member: its Joined event and `replay` first, then the room hears of it (unless a swap)."""
+        members = tuple(sorted([*room.members, seat.name]))
+        joined = Joined(
+            room.name, seat.name, members, room.history.last_seq, created, resumed, seat.token, len(replay), lost
+        )
+        member = Member(self, room, seat, [self.encode(joined), *replay])
+        if not resumed or returned:
+            self.fan_out(room, MemberJoined(seat.name, returned))
+        room.members[seat.name] = seat.member = member
+        log.debug("%s joined room %s", seat.name, room.name)
         return member
+
+    def vacate(self, room: _Room[T], seat: _Seat[T], reason: LeaveReason) -> None:
+        """Give up the seat of a member that left; a lost connection keeps it reserved for the grace period."""
+        seat.member = None
+        if reason is LeaveReason.DISCONNECTED and self.resume_grace > 0:
+            seat.expiry = asyncio.get_running_loop().call_later(self.resume_grace, self._expire, room, seat)
+        else:
+            self._unseat(room, seat)
+
+    def _expire(self, room: _Room[T], seat: _Seat[T]) -> None:
+        seat.expiry = None
+        if seat.member is None:
+            self._unseat(room, seat)
+
+    def _unseat(self, room: _Room[T], seat: _Seat[T]) -> None:
+        seat.release()
+        if room.seats.get(seat.name) is seat:
+            del room.seats[seat.name]
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -304,9 +447,10 @@ class MemoryRegistry(Generic[T]):
         for room in rooms.values():
             self._close(room, CloseReason.SERVER_SHUTDOWN)
 
-    def fan_out(self, room: _Room[T], event: Event) -> None:
-        """Encode `event` once and queue it for every member of `room`, in the same order for all."""
-        slow = self._queue_for_all(room, self.encode(event))
+    def fan_out(self, room: _Room[T], event: Event) -> T:
+        """Encode `event` once, queue it for every member of `room` in the same order for all, and return it."""
+        item = self.encode(event)
+        slow = self._queue_for_all(room, item)
         # Each eviction is announced to the rest, which can overflow more queues. Everyone full is dropped before
         # any announcement, in rounds rather than by recursion, so that a room of stalled members costs neither
         # the stack nor a quadratic worklist.
@@ -317,6 +461,7 @@ class MemoryRegistry(Generic[T]):
                 left = self.encode(MemberLeft(member.name, LeaveReason.TOO_SLOW))
                 overflowed.update(dict.fromkeys(self._queue_for_all(room, left)))
             slow = list(overflowed)
+        return item
 
     def evict(self, member: Member[T]) -> None:
         """Drop a member whose queue is full, so the rest of its room is never held up by it."""
@@ -342,17 +487,15 @@ class MemoryRegistry(Generic[T]):
         room = member._room
         if room is None:
             return False
-        member._queue.clear()
-        member.close()
         del room.members[member.name]
-        if not member.evicted.done():
-            member.evicted.set_result(
-                ChatError(
-                    ErrorKind.TOO_SLOW,
-                    f"you were disconnected from room {room.name!r}: more than {self.queue_limit} events "
-                    "were waiting for you to read them",
-                )
+        self._unseat(room, member._seat)
+        member.drop(
+            ChatError(
+                ErrorKind.TOO_SLOW,
+                f"you were disconnected from room {room.name!r}: more than {self.queue_limit} events "
+                "were waiting for you to read them",
             )
+        )
         log.info("%s dropped from room %s for reading too slowly", member.name, room.name)
         return True
 
@@ -362,7 +505,7 @@ class MemoryRegistry(Generic[T]):
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, "the server is shutting down; no rooms can be made")
         if room in self._rooms:
             raise ChatError(ErrorKind.ROOM_EXISTS, f"room {room!r} already exists; /join {room} enters it")
-        created = self._rooms[room] = _Room[T](room)
+        created = self._rooms[room] = _Room[T](room, self.history_limit)
         log.info("New room %s created", room)
         return created
 
@@ -370,9 +513,19 @@ class MemoryRegistry(Generic[T]):
         item = self.encode(RoomClosed(room.name, reason))
         members = list(room.members.values())
         room.members.clear()
+        for seat in room.seats.values():
+            seat.release()
+        room.seats.clear()
         for member in members:
             member.end_with(item)
         return len(members)
+
+
+def _taken(room: _Room[T], name: str) -> str:
+    seat = room.seats[name]
+    if seat.member is None:
+        return f"the name {name!r} in room {room.name!r} is held for a member whose connection dropped; pick another"
+    return f"someone in room {room.name!r} is already called {name!r}; pick another name"
 
 
 def _free_default(taken: Mapping[str, object]) -> str:

@@ -17,8 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from chat_service import admin_token
 from chat_service.console import run_console
 from chat_service.encoding import encode
+from chat_service.history import DEFAULT_HISTORY
 from chat_service.registry import Registry
-from chat_service.rooms import DEFAULT_QUEUE_LIMIT, MemoryRegistry
+from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, MemoryRegistry
 from chat_service.service import SERVICE_NAME, ChatServicer, handler
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Config:
     port: int = 50051
     admin_token_file: Path | None = None
     queue_limit: int = DEFAULT_QUEUE_LIMIT
+    history: int = DEFAULT_HISTORY
+    resume_grace_seconds: float = DEFAULT_RESUME_GRACE_SECONDS
     grace_seconds: float = 5.0
     keepalive_seconds: float = 10.0
 
@@ -67,7 +70,12 @@ class ChatServer:
 
     def __init__(self, config: Config, token: str | None = None) -> None:
         self.config = config
-        self.registry: Registry[bytes] = MemoryRegistry(encode, queue_limit=config.queue_limit)
+        self.registry: Registry[bytes] = MemoryRegistry(
+            encode,
+            queue_limit=config.queue_limit,
+            history_limit=config.history,
+            resume_grace=config.resume_grace_seconds,
+        )
         self._token = _choose_token(config, token)
         self.health = health.aio.HealthServicer()
         self._guard = admin_token.AdminTokenInterceptor(

@@ -11,7 +11,7 @@ import grpc
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service.encoding import encode
 from chat_service.errors import ChatError, ErrorKind
-from chat_service.events import LeaveReason, Problem, RoomInfo
+from chat_service.events import LeaveReason, Problem, Resume, RoomInfo
 from chat_service.registry import Membership, Registry
 from chat_service.status import status_code
 
@@ -59,7 +59,7 @@ class ChatServicer:
             return
         reader = asyncio.create_task(_serve_requests(requests, member))
         guard = _WriteGuard()
-        member.evicted.add_done_callback(guard.interrupt)
+        member.dropped.add_done_callback(guard.interrupt)
         try:
             try:
                 await member.deliver(guard.writer(context))
@@ -67,8 +67,9 @@ class ChatServicer:
                 if not guard.interrupted:
                     raise
                 guard.uncancel()
-            if member.evicted.done():
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, member.evicted.result().message)
+            if member.dropped.done():
+                error = member.dropped.result()
+                await context.abort(status_code(error.kind), error.message)
             # A client still writing when the server ends the call loses the events it has not read yet, so
             # after the room's last event the client gets a moment to see it and half-close first.
             with contextlib.suppress(TimeoutError):
@@ -85,8 +86,11 @@ class ChatServicer:
                 await context.write(encode(Problem(error)))
                 continue
             join = request.join
+            resume = Resume(join.resume.token, join.resume.last_seq) if join.HasField("resume") else None
             try:
-                return await self._registry.join(join.room, join.name, create=join.create)
+                return await self._registry.join(
+                    join.room, join.name, create=join.create, history=join.history, resume=resume
+                )
             except ChatError as error:
                 await context.write(encode(Problem(error)))
         return None
@@ -98,9 +102,10 @@ async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membe
         action = request.WhichOneof("action")
         try:
             if action == "say":
-                await member.say(request.say.text)
+                await member.say(request.say.text, request.say.client_id)
             elif action == "whisper":
-                await member.whisper(request.whisper.recipient, request.whisper.text)
+                whisper = request.whisper
+                await member.whisper(whisper.recipient, whisper.text, whisper.client_id)
             elif action == "leave":
                 await member.leave()
                 return
@@ -118,7 +123,7 @@ async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membe
 
 
 class _WriteGuard:
-    """Lets an eviction interrupt the stream's handler while a slow client's flow control holds its write."""
+    """Lets the server's drop of a member interrupt its handler while the client's flow control holds a write."""
 
     __slots__ = ("interrupted", "task", "writing")
 

@@ -8,6 +8,7 @@ from chat_service.errors import ChatError, ErrorKind
 
 MAX_NAME_CHARS = 32
 MAX_TEXT_BYTES = 4096
+MAX_CLIENT_ID_BYTES = 64
 
 
 def check_name(name: str, what: str) -> str:
@@ -39,3 +40,14 @@ def check_text(text: str) -> str:
             f"the line is {size} bytes long; the limit is {MAX_TEXT_BYTES} bytes, so split it",
         )
     return text
+
+
+def check_client_id(client_id: str) -> str:
+    """Return `client_id` if it is a valid client-chosen id (empty means none), else raise BAD_REQUEST."""
+    # A character is at most 4 bytes, so short ids skip the encoding.
+    too_long = len(client_id) > MAX_CLIENT_ID_BYTES // 4
+    if too_long and len(client_id.encode("utf-8", "surrogatepass")) > MAX_CLIENT_ID_BYTES:
+        raise ChatError(
+            ErrorKind.BAD_REQUEST, f"the client id is longer than {MAX_CLIENT_ID_BYTES} bytes; use a shorter one"
+        )
+    return client_id
