@@ -20,6 +20,7 @@ from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.rooms import DEFAULT_WRITE_SLOTS
 from chat_service.server import ChatServer, Config
 from tests.conftest import ServerProcess, running
+from tests.proxy import Proxy
 from tests.streams import Stream
 
 if TYPE_CHECKING:
@@ -155,53 +156,6 @@ def test_second_server_on_a_taken_port_fails_clearly(server_process: ServerProce
     assert "Traceback" not in result.stderr
 
 
-class FreezingProxy:
-    """A loopback TCP proxy that can stop forwarding while holding every connection open, like a dead network."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target_port = target_port
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> FreezingProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def freeze(self) -> None:
-        self._flowing.clear()
-
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
-        pipes = [
-            asyncio.create_task(self._pipe(client_reader, server_writer)),
-            asyncio.create_task(self._pipe(server_reader, client_writer)),
-        ]
-        self._tasks.update(pipes)
-        try:
-            await asyncio.gather(*pipes)
-        finally:
-            for writer in (client_writer, server_writer):
-                writer.close()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            await self._flowing.wait()
-            writer.write(data)
-            await writer.drain()
-
-
 @pytest.fixture
 async def fast_keepalive_server() -> AsyncIterator[ChatServer]:
     async with running(Config(port=0, keepalive_seconds=1.0, grace_seconds=1.0)) as chat:
@@ -212,7 +166,7 @@ async def test_member_behind_a_dead_network_is_removed_by_keepalive(fast_keepali
     server = fast_keepalive_server
     async with (
         grpc.aio.insecure_channel(server.address) as direct,
-        FreezingProxy(server.port) as proxy,
+        Proxy(server.port) as proxy,
         grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}") as proxied,
     ):
         alice, _ = await Stream.joined(chat_pb2_grpc.ChatServiceStub(direct), "r", "alice", create=True)
