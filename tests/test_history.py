@@ -1,0 +1,130 @@
+"""The history buffer and the replay-then-live hand-over, checked against simple models (hypothesis)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chat_service.events import Event, Joined, LeaveReason, Message, Resume
+from chat_service.history import History
+from chat_service.rooms import Member, MemoryRegistry
+
+
+def test_history_keeps_the_newest_and_counts_what_it_dropped() -> None:
+    history = History[str](3)
+    for seq in range(1, 6):
+        history.append(seq, f"m{seq}")
+    assert (history.first_seq, history.last_seq) == (3, 5)
+    assert history.last(2) == ["m4", "m5"]
+    assert history.last(10) == ["m3", "m4", "m5"]
+    assert history.after(4) == (["m5"], 0)
+    assert history.after(0) == (["m3", "m4", "m5"], 2)
+    assert history.after(5) == ([], 0)
+
+
+def test_history_of_zero_keeps_nothing_but_still_counts() -> None:
+    history = History[str](0)
+    history.append(1, "m1")
+    assert history.last(5) == []
+    assert history.after(0) == ([], 1)
+
+
+def test_history_refuses_a_gap() -> None:
+    history = History[str](3)
+    history.append(1, "m1")
+    with pytest.raises(ValueError, match="does not follow"):
+        history.append(3, "m3")
+
+
+@given(
+    limit=st.integers(0, 20),
+    count=st.integers(0, 60),
+    asks=st.lists(st.tuples(st.sampled_from(["last", "after"]), st.integers(-5, 70)), max_size=10),
+)
+def test_history_matches_a_list_model(limit: int, count: int, asks: list[tuple[str, int]]) -> None:
+    history = History[int](limit)
+    said = list(range(1, count + 1))
+    for seq in said:
+        history.append(seq, seq)
+    kept = said[max(len(said) - limit, 0) :] if limit else []
+    for kind, n in asks:
+        if kind == "last":
+            assert history.last(n) == kept[len(kept) - min(max(n, 0), len(kept)) :]
+        else:
+            missed = said[max(n, 0) :]
+            replay, lost = history.after(n)
+            assert replay == [seq for seq in missed if seq in kept]
+            assert lost == len(missed) - len(replay)
+            # What is replayed is exactly the tail of what was missed: the lost part is always the oldest.
+            assert replay == missed[lost:]
+
+
+# One observed member in a room with a talker. Steps: the talker says a line; the observer's stream writes
+# its next batch; or the observer's stream breaks, losing the last `n` events it had been written (a cut
+# connection loses what was in flight), and it comes back either after the server noticed (`resume`) or
+# before (`takeover`, the old stream still registered).
+Step = tuple[str, int]
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("say"), st.integers(1, 3)),
+        st.tuples(st.just("write"), st.just(0)),
+        st.tuples(st.sampled_from(["resume", "takeover"]), st.integers(0, 6)),
+    ),
+    max_size=60,
+)
+
+
+def _identity(event: Event) -> Event:
+    return event
+
+
+def _write(member: Member[Event]) -> list[Event]:
+    """The next batch the member's stream would write."""
+    return member._take() if member._backlog or member._queue else []
+
+
+async def _scenario(history_limit: int, batch_limit: int, plan: list[Step]) -> tuple[list[int], set[int], int]:
+    rooms = MemoryRegistry(_identity, history_limit=history_limit, batch_limit=batch_limit)
+    talker = await rooms.join("r", "talker", create=True)
+    observer = await rooms.join("r", "observer")
+    seen: list[Event] = []
+    lost: set[int] = set()
+    for action, n in plan:
+        if action == "say":
+            for _ in range(n):
+                await talker.say("line")
+            _write(talker)
+        elif action == "write":
+            seen += _write(observer)
+        else:
+            # The client keeps its token from the first Joined, so only what came after that can be lost.
+            first_joined = next((i for i, e in enumerate(seen) if isinstance(e, Joined)), None)
+            if first_joined is None:
+                continue
+            del seen[max(len(seen) - n, first_joined + 1) :]
+            joined = seen[first_joined]
+            assert isinstance(joined, Joined)
+            last_seq = max((e.seq for e in seen if isinstance(e, Message)), default=joined.last_seq)
+            if action == "resume":
+                await observer.leave(LeaveReason.DISCONNECTED)
+            observer = await rooms.join("r", "observer", resume=Resume(joined.resume_token, last_seq))
+            answer = _write(observer)
+            assert isinstance(answer[0], Joined)
+            lost.update(range(last_seq + 1, last_seq + 1 + answer[0].lost))
+            seen += answer
+    while batch := _write(observer):
+        seen += batch
+    said = (await rooms.list_rooms())[0].last_seq
+    return [e.seq for e in seen if isinstance(e, Message)], lost, said
+
+
+@settings(deadline=None, max_examples=150)
+@given(history_limit=st.integers(0, 12), batch_limit=st.integers(1, 5), plan=steps)
+def test_replay_then_live_has_no_gap_and_no_duplicate(history_limit: int, batch_limit: int, plan: list[Step]) -> None:
+    received, lost, said = asyncio.run(_scenario(history_limit, batch_limit, plan))
+    # Every message arrives once and in order, except exactly those the server said it could not recover: on
+    # each resume, the oldest `lost` of the messages the member had missed.
+    assert received == [seq for seq in range(1, said + 1) if seq not in lost]
