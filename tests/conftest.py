@@ -76,6 +76,18 @@ class ServerProcess:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def stop(self) -> None:
+        """SIGTERM the server if it still runs (SIGKILL after 10 s) and close its output."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
     def wait_for_line(self, substring: str, timeout: float = 10.0) -> str:
         """Read stdout until a line contains `substring`; fail with everything read on timeout or exit."""
         while True:
@@ -127,12 +139,4 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     try:
         yield proc
     finally:
-        if proc.process.poll() is None:
-            proc.process.terminate()
-            try:
-                proc.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.process.kill()
-                proc.process.wait()
-        if proc.process.stdout is not None:
-            proc.process.stdout.close()
+        proc.stop()
