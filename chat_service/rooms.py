@@ -144,10 +144,13 @@ class _Seat(Generic[T]):
         self.token = f"{room.uid}.{secrets.token_urlsafe(16)}"
         self.member: Member[T] | None = None
         self.expiry: asyncio.TimerHandle | None = None
-        self.sent: dict[str, T] = {}
+        # Made on the first client id: most members of a busy server are idle, and every byte counts there.
+        self.sent: dict[str, T] | None = None
 
     def remember(self, client_id: str, item: T) -> None:
         """Keep what a client id produced, so that a re-send gets it back instead of a second broadcast."""
+        if self.sent is None:
+            self.sent = {}
         sent = self.sent
         sent[client_id] = item
         if len(sent) > SENT_IDS_KEPT:
@@ -255,22 +258,21 @@ class Member(Generic[T]):
 
     def _take(self) -> list[T]:
         limit = self._registry.batch_limit
-        batch: list[T] = []
+        queue = self._queue
         if self._backlog is not None:
             batch, rest = self._backlog[:limit], self._backlog[limit:]
             self._backlog = rest or None
             limit -= len(batch)
-        queue = self._queue
+            batch.extend(queue.popleft() for _ in range(min(limit, len(queue))))
+            return batch
         if len(queue) <= limit:
             self._queue = deque()
-            batch.extend(queue)
-        else:
-            batch.extend(queue.popleft() for _ in range(limit))
-        return batch
+            return list(queue)
+        return [queue.popleft() for _ in range(limit)]
 
     def _resent(self, client_id: str) -> bool:
         """Give a re-sent line's original event back to this member alone; False if the id is new."""
-        sent = self._seat.sent.get(client_id)
+        sent = self._seat.sent.get(client_id) if self._seat.sent is not None else None
         if sent is None:
             return False
         self.push(sent)
