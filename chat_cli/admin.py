@@ -36,8 +36,9 @@ class Token:
 
 
 def resolve_token(token_file: Path | None, port: int) -> Token:
-    """The token from $CHAT_ADMIN_TOKEN, else `token_file`, else the server's default file for `port`."""
-    if from_env := os.environ.get(TOKEN_ENV_VAR, "").strip():
+    """The token from `token_file` when one is given, else $CHAT_ADMIN_TOKEN, else the server's file for `port`."""
+    # A flag typed on this command line says more about what is wanted than a variable set long ago.
+    if token_file is None and (from_env := os.environ.get(TOKEN_ENV_VAR, "").strip()):
         return Token(from_env, f"${TOKEN_ENV_VAR}")
     path = token_file or default_token_path(port)
     how = f"pass --token-file PATH or set {TOKEN_ENV_VAR} (the server prints 'admin token: PATH' at start)"
@@ -149,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file",
         type=Path,
         metavar="PATH",
-        help=f"file holding the admin token (default: ${TOKEN_ENV_VAR}, else "
+        help=f"file holding the admin token; it wins over ${TOKEN_ENV_VAR} (default: ${TOKEN_ENV_VAR}, else "
         "$XDG_STATE_HOME/chat-service/admin-token-PORT, which the server writes)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -55,23 +55,19 @@ def test_kill_unknown_room(server_process: ServerProcess) -> None:
 
 def test_token_from_the_environment_or_a_file(server_process: ServerProcess, tmp_path: Path) -> None:
     token = server_process.token_path.read_text().strip()
-    create_rooms(server_process, "one", "two")
+    create_rooms(server_process, "one", "two", "three")
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
     # The token file is found even where the server's state directory is not.
     elsewhere = {**server_process.env, "XDG_STATE_HOME": str(tmp_path / "elsewhere")}
     by_file = run_admin(server_process, "--token-file", str(token_file), "kill", "one", env=elsewhere)
     assert (by_file.returncode, by_file.stderr) == (0, "")
-    # The environment variable wins over a token file.
-    by_env = run_admin(
-        server_process,
-        "--token-file",
-        str(tmp_path / "missing"),
-        "kill",
-        "two",
-        env={**elsewhere, "CHAT_ADMIN_TOKEN": token},
-    )
+    by_env = run_admin(server_process, "kill", "two", env={**elsewhere, "CHAT_ADMIN_TOKEN": token})
     assert (by_env.returncode, by_env.stderr) == (0, "")
+    # A token file named on the command line wins over the environment variable.
+    wrong_env = {**elsewhere, "CHAT_ADMIN_TOKEN": "stale-token"}
+    by_flag = run_admin(server_process, "--token-file", str(token_file), "kill", "three", env=wrong_env)
+    assert (by_flag.returncode, by_flag.stderr) == (0, "")
 
 
 @pytest.mark.parametrize("source", ["file", "env"])
