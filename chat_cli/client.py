@@ -29,7 +29,7 @@ from chat_cli.commands import (
     Who,
     parse,
 )
-from chat_cli.session import Incoming, Session, SessionError, target
+from chat_cli.session import DEFAULT_HISTORY, Incoming, Session, SessionError, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 
 
@@ -38,18 +38,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat", description="Chat in the rooms of a chat server.")
     parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="the server's port (default: 50051)")
+    parser.add_argument(
+        "--history",
+        type=_history_size,
+        default=DEFAULT_HISTORY,
+        metavar="N",
+        help=f"show a room's last N messages on joining it (default: {DEFAULT_HISTORY}; 0: none)",
+    )
     args = parser.parse_args(argv)
     # A terminal on both ends gets the prompt; otherwise lines are read and printed plainly, for scripts.
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     try:
-        return asyncio.run(run(target(args.host, args.port), interactive=interactive))
+        return asyncio.run(run(target(args.host, args.port), interactive=interactive, history=args.history))
     except KeyboardInterrupt:
         return 130
 
 
-async def run(address: str, *, interactive: bool) -> int:
+def _history_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of messages (0 or more), got {text!r}")
+    return value
+
+
+async def run(address: str, *, interactive: bool, history: int = DEFAULT_HISTORY) -> int:
     """Connect to `address` and serve one user until /quit or end of input; returns the exit status."""
-    async with Session(address, _print_event) as session:
+    async with Session(address, _print_event, history=history) as session:
         try:
             await session.connect()
         except SessionError as exc:
@@ -82,9 +99,11 @@ async def execute(session: Session, command: Command) -> bool:
             case Join(room, name):
                 await session.join(room, name)
             case Say(text):
-                await session.say(text)
+                if await session.say(text):
+                    emit(render.pending(text))
             case Whisper(recipient, text):
-                await session.whisper(recipient, text)
+                if await session.whisper(recipient, text):
+                    emit(render.pending(text, recipient))
             case Leave():
                 emit(render.left(await session.leave()))
             case Who():
@@ -143,7 +162,10 @@ async def _interactive(session: Session) -> None:
     prompt: PromptSession[str] = PromptSession()
 
     def message() -> str:
-        return f"[{session.room} as {session.name}]> " if session.room is not None else "> "
+        if session.room is None:
+            return "> "
+        state = ", reconnecting" if session.reconnecting else ""
+        return f"[{session.room} as {session.name}{state}]> "
 
     emit("type /help for the commands")
     with patch_stdout():

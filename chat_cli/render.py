@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
-from chat_cli.session import ConnectionLost, Incoming
+from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 from chat_service._pb.chat.v1 import chat_pb2
 
 _LEFT_SUFFIX = {
@@ -17,6 +18,10 @@ def event(incoming: Incoming, me: str) -> str:
     """The line for one incoming event, as seen by the member named `me`."""
     if isinstance(incoming, ConnectionLost):
         return error(incoming.message)
+    if isinstance(incoming, Reconnecting):
+        return reconnecting(incoming)
+    if isinstance(incoming, HistoryMessage):
+        return history(incoming.message)
     kind = incoming.WhichOneof("kind")
     if kind == "joined":
         return joined(incoming.joined)
@@ -25,7 +30,8 @@ def event(incoming: Incoming, me: str) -> str:
     if kind == "whisper":
         return whisper(incoming.whisper, me)
     if kind == "member_joined":
-        return f"* {incoming.member_joined.name} joined"
+        newcomer = incoming.member_joined
+        return f"* {newcomer.name} is back" if newcomer.returned else f"* {newcomer.name} joined"
     if kind == "member_left":
         left = incoming.member_left
         return f"* {left.name} left{_LEFT_SUFFIX.get(left.reason, '')}"
@@ -37,7 +43,12 @@ def event(incoming: Incoming, me: str) -> str:
 
 
 def joined(event: chat_pb2.Joined) -> str:
-    """The confirmation of a join, naming the room, the name given and who is there."""
+    """The confirmation of a join, naming the room, the name given and who is there; or of a resume."""
+    if event.resumed:
+        line = f"* reconnected to {event.room} as {event.name}; {_count(event.replayed, 'missed message')} replayed"
+        if event.lost:
+            line += f"; {event.lost} could not be recovered (older than the server keeps)"
+        return line
     if event.created:
         return f"* room {event.room} created; you joined as {event.name}"
     return f"* you joined {event.room} as {event.name} (members: {', '.join(event.members)})"
@@ -50,6 +61,26 @@ def whisper(event: chat_pb2.Whisper, me: str) -> str:
     return f"(whisper) {event.sender} : {event.text}"
 
 
+def history(message: chat_pb2.Message) -> str:
+    """A message from before the member joined, marked with the local time it was said (HH:MM)."""
+    said = time.strftime("%H:%M", time.localtime(message.sent_at.seconds))
+    return f"[history {said}] {message.sender} : {message.text}"
+
+
+def reconnecting(event: Reconnecting) -> str:
+    """A reconnect attempt about to start."""
+    if event.attempt == 1:
+        return f"* connection to the server lost; reconnecting to {event.room} in {event.delay:.1f} s"
+    return f"* still reconnecting to {event.room}: attempt {event.attempt} in {event.delay:.1f} s"
+
+
+def pending(text: str, recipient: str | None = None) -> str:
+    """A line (or a whisper to `recipient`) held back until the session has reconnected."""
+    if recipient is not None:
+        return f"(pending whisper to {recipient}) {text}"
+    return f"(pending) {text}"
+
+
 def room_closed(event: chat_pb2.RoomClosed) -> str:
     """Why the member's room went away."""
     if event.reason == chat_pb2.CLOSE_REASON_SERVER_SHUTDOWN:
@@ -59,7 +90,9 @@ def room_closed(event: chat_pb2.RoomClosed) -> str:
 
 def rooms(listed: Iterable[chat_pb2.Room]) -> list[str]:
     """The /ls listing: a header and one line per room, or a hint when there are none."""
-    lines = [f"  {room.name} ({_count(room.member_count, 'member')})" for room in listed]
+    lines = [
+        f"  {room.name} ({_count(room.member_count, 'member')}, {_count(room.last_seq, 'message')})" for room in listed
+    ]
     if not lines:
         return ["no rooms yet; /create ROOM makes one"]
     return ["rooms:", *lines]

@@ -32,8 +32,7 @@ async def run_console(registry: Registry[bytes]) -> None:
             if not rooms:
                 print("no rooms")
             for room in rooms:
-                count = room.member_count
-                print(f"  {room.name} ({count} member{'' if count == 1 else 's'})")
+                print(f"  {room.name} ({_count(room.member_count, 'member')}, {_count(room.last_seq, 'message')})")
         elif command == "/kill" and argument:
             try:
                 ejected = await registry.kill_room(argument)
@@ -43,3 +42,7 @@ async def run_console(registry: Registry[bytes]) -> None:
                 print(f"room {argument} closed, {ejected} members returned to waiting")
         else:
             print(f"error: unknown command {line!r}; {HELP}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -28,7 +28,10 @@ def test_ls(server_process: ServerProcess) -> None:
     assert (empty.returncode, empty.stdout, empty.stderr) == (0, "no rooms yet; /create ROOM makes one\n", "")
     create_rooms(server_process, "lobby", "attic")
     listed = run_admin(server_process, "ls")
-    assert (listed.returncode, listed.stdout) == (0, "rooms:\n  attic (0 members)\n  lobby (0 members)\n")
+    assert (listed.returncode, listed.stdout) == (
+        0,
+        "rooms:\n  attic (0 members, 0 messages)\n  lobby (0 members, 0 messages)\n",
+    )
 
 
 def test_kill_ejects_the_members(server_process: ServerProcess) -> None:
@@ -83,7 +86,7 @@ def test_wrong_token_is_refused(server_process: ServerProcess, tmp_path: Path, s
         named = "$CHAT_ADMIN_TOKEN"
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: the server refused the admin token from {named}: ")
-    assert run_admin(server_process, "ls").stdout == "rooms:\n  lobby (0 members)\n"
+    assert run_admin(server_process, "ls").stdout == "rooms:\n  lobby (0 members, 0 messages)\n"
 
 
 def test_missing_token_file_says_where_it_looked(server_process: ServerProcess, tmp_path: Path) -> None:
@@ -112,7 +115,11 @@ def test_console_reads_commands_line_by_line(server_process: ServerProcess) -> N
     result = run_admin(server_process, stdin="/ls\n\n/kill lobby\n/kill lobby\n/frob\n/help\n/quit\n/ls\n")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:3] == ["rooms:", "  lobby (0 members)", "room lobby killed; 0 members sent back to waiting"]
+    assert lines[:3] == [
+        "rooms:",
+        "  lobby (0 members, 0 messages)",
+        "room lobby killed; 0 members sent back to waiting",
+    ]
     assert lines[3].startswith("error: ") and "lobby" in lines[3]
     assert lines[4] == "error: unknown command /frob; /help lists the commands"
     assert "/kill ROOM" in result.stdout

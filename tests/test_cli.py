@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, executable
+from tests.conftest import ServerProcess, executable, start_server_process
 from tests.proc import Proc, chat, run_admin, unused_port
 from tests.terminal import Terminal
 
@@ -65,7 +67,7 @@ def test_seed_scenario(server_process: ServerProcess) -> None:
         bob.expect("members of lobby: Unknown, alice, bob")
         bob.send("/ls")
         bob.expect("rooms:")
-        bob.expect("  lobby (3 members)")
+        bob.expect("  lobby (3 members, ")
 
         assert_clean_exit(third)
         assert "* you left lobby" in third.output
@@ -96,7 +98,7 @@ def test_room_commands_follow_the_state(server_process: ServerProcess) -> None:
         alice.send("/create lobby alice")
         alice.expect("* room lobby created; you joined as alice")
         alice.send("/ls")
-        alice.expect("  lobby (1 member)")
+        alice.expect("  lobby (1 member, 0 messages)")
         alice.send("/create other")
         alice.expect("error: you are already in room lobby; /leave first")
         alice.send("/join lobby")
@@ -182,28 +184,59 @@ def test_admin_kill_returns_every_member_to_waiting(server_process: ServerProces
         assert_clean_exit(alice, bob)
 
 
-def test_server_shutdown_returns_members_to_waiting(server_process: ServerProcess) -> None:
+def test_server_restart_returns_members_to_waiting_once_the_room_is_known_gone(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
     with chat(server_process) as alice:
         alice.send("/create lobby")
         alice.expect("* room lobby created")
         server_process.process.terminate()
         alice.expect("* the server is shutting down")
+        alice.expect("* connection to the server lost; reconnecting to lobby in ")
+        assert server_process.process.wait(timeout=10) == 0
         alice.send("hello")
-        alice.expect(NOT_IN_ROOM)
-        assert_clean_exit(alice)
+        alice.expect("(pending) hello")
+        restarted = start_server_process(tmp_path / "state", "--port", str(server_process.port))
+        try:
+            alice.expect(
+                "error: room lobby no longer exists (it was closed, or the server restarted); "
+                "you are back in the waiting state; 1 unsent line was dropped"
+            )
+            alice.send("hello")
+            alice.expect(NOT_IN_ROOM)
+            assert_clean_exit(alice)
+        finally:
+            restarted.stop()
 
 
-def test_server_crash_is_reported_and_returns_to_waiting(server_process: ServerProcess) -> None:
+def test_server_crash_leaves_the_member_reconnecting_until_it_leaves(server_process: ServerProcess) -> None:
     with chat(server_process) as alice:
         alice.send("/create lobby")
         alice.expect("* room lobby created")
         server_process.process.kill()
-        alice.expect(f"error: the chat server at {server_process.address} went away")
-        alice.send("hello")
-        alice.expect(NOT_IN_ROOM)
+        alice.expect("* connection to the server lost; reconnecting to lobby in ")
+        alice.send("/who")
+        alice.expect("members of lobby: Unknown")
+        alice.send("/join other")
+        alice.expect("error: you are already in room lobby (reconnecting to it); /leave first")
         alice.send("/ls")
         alice.expect(f"error: cannot reach the chat server at {server_process.address}")
+        alice.send("/leave")
+        alice.expect("* you left lobby")
+        alice.send("hello")
+        alice.expect(NOT_IN_ROOM)
         assert_clean_exit(alice)
+
+
+def test_ctrl_c_while_reconnecting_exits_without_a_traceback(server_process: ServerProcess) -> None:
+    with chat(server_process) as alice:
+        alice.send("/create lobby")
+        alice.expect("* room lobby created")
+        server_process.process.kill()
+        alice.expect("reconnecting to lobby")
+        alice.popen.send_signal(signal.SIGINT)
+        assert alice.wait() == 130
+        assert "Traceback" not in alice.stderr
 
 
 def test_no_server_is_a_clear_error() -> None:
@@ -245,3 +278,53 @@ def test_interactive_prompt_follows_the_state(server_process: ServerProcess, exi
         assert term.wait() == 0
     assert "* you left lobby" in term.screen
     assert "Traceback" not in term.screen
+
+
+def test_interactive_prompt_shows_reconnecting_and_ctrl_c_exits(server_process: ServerProcess) -> None:
+    with Terminal([executable("chat"), "--port", str(server_process.port)], server_process.env) as term:
+        term.expect("type /help for the commands")
+        term.expect(">")
+        term.type("/create lobby alice\r")
+        term.expect("[lobby as alice]>")
+        server_process.process.kill()
+        term.expect("reconnecting to lobby")
+        term.expect("[lobby as alice, reconnecting]>")
+        term.type("\x03")
+        assert term.wait() == 0
+    assert "* you left lobby" in term.screen
+    assert "Traceback" not in term.screen
+
+
+def test_joining_shows_recent_history_unless_told_not_to(server_process: ServerProcess) -> None:
+    address = ["--host", server_process.host, "--port", str(server_process.port)]
+    with (
+        chat(server_process) as alice,
+        Proc([executable("chat"), *address, "--history", "2"], env=server_process.env) as bob,
+        Proc([executable("chat"), *address, "--history", "0"], env=server_process.env) as carol,
+    ):
+        alice.send("/create lobby alice")
+        alice.expect("* room lobby created")
+        for n in range(3):
+            alice.send(f"line {n}")
+        alice.expect("alice : line 2")
+        bob.send("/join lobby bob")
+        bob.expect("* you joined lobby as bob")
+        carol.send("/join lobby carol")
+        carol.expect("* you joined lobby as carol")
+        alice.send("live")
+        for member in (bob, carol):
+            member.expect("alice : live")
+        assert [line.split("] ", 1)[1] for line in bob.output if line.startswith("[history ")] == [
+            "alice : line 1",
+            "alice : line 2",
+        ]
+        assert not [line for line in carol.output if line.startswith("[history ")]
+        assert_clean_exit(alice, bob, carol)
+
+
+def test_history_must_be_a_count() -> None:
+    result = subprocess.run(
+        [executable("chat"), "--history", "-1"], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert result.returncode == 2
+    assert "expected a whole number of messages (0 or more), got '-1'" in result.stderr

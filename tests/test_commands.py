@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 import pytest
 
 from chat_cli import render
@@ -24,7 +27,7 @@ from chat_cli.commands import (
     parse,
     parse_admin,
 )
-from chat_cli.session import ConnectionLost, Incoming
+from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 
 HINT = "/help lists the commands"
@@ -172,10 +175,50 @@ def test_admin_usage_lists_every_command(command: str) -> None:
             "error: room 'x' does not exist",
         ),
         (ConnectionLost("lobby", "the chat server went away"), "bob", "error: the chat server went away"),
+        (pb.Event(member_joined=pb.MemberJoined(name="carol", returned=True)), "bob", "* carol is back"),
+        (
+            Reconnecting("lobby", 1, 0.31),
+            "bob",
+            "* connection to the server lost; reconnecting to lobby in 0.3 s",
+        ),
+        (Reconnecting("lobby", 4, 2.06), "bob", "* still reconnecting to lobby: attempt 4 in 2.1 s"),
+        (
+            pb.Event(joined=pb.Joined(room="lobby", name="bob", members=["bob"], resumed=True, replayed=12)),
+            "bob",
+            "* reconnected to lobby as bob; 12 missed messages replayed",
+        ),
+        (
+            pb.Event(joined=pb.Joined(room="lobby", name="bob", resumed=True, replayed=1, lost=3)),
+            "bob",
+            "* reconnected to lobby as bob; 1 missed message replayed; 3 could not be recovered "
+            "(older than the server keeps)",
+        ),
+        (
+            pb.Event(joined=pb.Joined(room="lobby", name="bob", resumed=True)),
+            "bob",
+            "* reconnected to lobby as bob; 0 missed messages replayed",
+        ),
     ],
 )
 def test_render_event(incoming: Incoming, me: str, line: str) -> None:
     assert render.event(incoming, me) == line
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is UTC for the duration of the test."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("utc")
+def test_render_history_marks_the_line_with_the_local_time_it_was_said() -> None:
+    message = pb.Message(seq=7, sender="alice", text="hi")
+    message.sent_at.FromSeconds(14 * 3600 + 2 * 60 + 59)
+    assert render.event(HistoryMessage(message), "bob") == "[history 14:02] alice : hi"
 
 
 @pytest.mark.parametrize(
@@ -185,10 +228,15 @@ def test_render_event(incoming: Incoming, me: str, line: str) -> None:
         (
             [
                 pb.Room(name="empty", member_count=0),
-                pb.Room(name="lobby", member_count=2),
-                pb.Room(name="x", member_count=1),
+                pb.Room(name="lobby", member_count=2, last_seq=15),
+                pb.Room(name="x", member_count=1, last_seq=1),
             ],
-            ["rooms:", "  empty (0 members)", "  lobby (2 members)", "  x (1 member)"],
+            [
+                "rooms:",
+                "  empty (0 members, 0 messages)",
+                "  lobby (2 members, 15 messages)",
+                "  x (1 member, 1 message)",
+            ],
         ),
     ],
 )
@@ -204,6 +252,8 @@ def test_render_rooms(listed: list[pb.Room], lines: list[str]) -> None:
         (render.killed("lobby", 2), "room lobby killed; 2 members sent back to waiting"),
         (render.killed("lobby", 1), "room lobby killed; 1 member sent back to waiting"),
         (render.error("no such room"), "error: no such room"),
+        (render.pending("hello"), "(pending) hello"),
+        (render.pending("psst", "bob"), "(pending whisper to bob) psst"),
     ],
 )
 def test_render_results(rendered: str, line: str) -> None:

@@ -27,7 +27,7 @@ def test_console_lists_and_kills_rooms(tmp_path: Path) -> None:
             chat_pb2_grpc.ChatServiceStub(channel).CreateRoom(pb.CreateRoomRequest(room="lobby"))
         term.expect("New room lobby created")
         term.type("/ls\r")
-        term.expect("lobby (0 members)")
+        term.expect("lobby (0 members, 0 messages)")
         term.type("/kill nowhere\r")
         term.expect("error: room 'nowhere' does not exist")
         term.type("/kill lobby\r")

@@ -3,39 +3,72 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from chat_cli.session import ConnectionLost, Incoming, Session, SessionError
+from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting, Session, SessionError
+from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service.server import ChatServer
 from tests.conftest import ServerProcess, start_server_process
 from tests.proc import chat
 
+TIMEOUT = 10.0
+
 
 class Recorder:
-    """Collects the kind of each event a Session delivers, and the member name it came with."""
+    """Collects what a Session delivers: each event's kind with the member name it came with, and the details."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
         self.lost: list[str] = []
+        self.messages: list[pb.Message] = []
+        self.history: list[pb.Message] = []
+        self.whispers: list[pb.Whisper] = []
+        self.joined: list[pb.Joined] = []
+        self.attempts: list[Reconnecting] = []
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._changed = asyncio.Event()
 
     def __call__(self, incoming: Incoming, me: str) -> None:
         if isinstance(incoming, ConnectionLost):
             kind = "lost"
             self.lost.append(incoming.message)
+        elif isinstance(incoming, Reconnecting):
+            kind = "reconnecting"
+            self.attempts.append(incoming)
+        elif isinstance(incoming, HistoryMessage):
+            kind = "history"
+            self.history.append(incoming.message)
         else:
             kind = str(incoming.WhichOneof("kind"))
+            if kind == "message":
+                self.messages.append(incoming.message)
+            elif kind == "whisper":
+                self.whispers.append(incoming.whisper)
+            elif kind == "joined":
+                self.joined.append(incoming.joined)
         self.seen.append((kind, me))
         self._queue.put_nowait(kind)
+        self._changed.set()
 
     async def until(self, kind: str) -> None:
         """Wait until an event of `kind` is delivered (or was, and has not been waited for yet)."""
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(TIMEOUT):
             while await self._queue.get() != kind:
                 pass
+
+    async def until_true(self, condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+        """Wait until `condition` holds, checking it after each delivered event."""
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def texts(self) -> list[str]:
+        """The text of every live message delivered so far."""
+        return [message.text for message in self.messages]
 
 
 async def test_session_tracks_state_and_members(server: ChatServer) -> None:
@@ -120,3 +153,40 @@ async def test_session_refuses_what_the_state_forbids(server: ChatServer) -> Non
             await session.join("lobby")
         with pytest.raises(SessionError, match="you are already in room lobby; /leave first"):
             await session.create("other")
+
+
+async def test_join_replays_recent_history_marked_as_such_before_returning(server: ChatServer) -> None:
+    alice_saw, bob_saw, carol_saw = Recorder(), Recorder(), Recorder()
+    async with (
+        Session(server.address, alice_saw) as alice,
+        Session(server.address, bob_saw, history=3) as bob,
+        Session(server.address, carol_saw, history=0) as carol,
+    ):
+        await alice.create("lobby", "alice")
+        for n in range(5):
+            await alice.say(f"line {n}")
+        await alice_saw.until_true(lambda: len(alice_saw.messages) == 5)
+        joined = await bob.join("lobby", "bob")
+        assert joined is not None
+        assert (joined.last_seq, joined.replayed) == (5, 3)
+        assert [(m.seq, m.text) for m in bob_saw.history] == [(3, "line 2"), (4, "line 3"), (5, "line 4")]
+        assert [kind for kind, _ in bob_saw.seen] == ["joined", "history", "history", "history"]
+        await carol.join("lobby", "carol")
+        assert carol_saw.history == []
+        await alice.say("live")
+        for saw in (bob_saw, carol_saw):
+            await saw.until("message")
+            assert [(m.seq, m.text) for m in saw.messages] == [(6, "live")]
+
+
+async def test_each_line_carries_its_own_client_id(server: ChatServer) -> None:
+    seen = Recorder()
+    async with Session(server.address, seen) as alice:
+        await alice.create("lobby", "alice")
+        assert not await alice.say("one")
+        assert not await alice.say("two")
+        assert not await alice.whisper("alice", "note to self")
+        await seen.until("whisper")
+        ids = [message.client_id for message in seen.messages] + [seen.whispers[0].client_id]
+        assert [message.text for message in seen.messages] == ["one", "two"]
+        assert all(ids) and len(set(ids)) == 3
