@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from chat_cli import render
 from chat_cli.session import Incoming, Session, SessionError
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
@@ -190,6 +191,33 @@ async def test_room_killed_while_reconnecting_sends_the_member_back_to_waiting(
         assert seen.lost == [f"{GONE}; 1 unsent line was dropped"]
         assert (carol.room, carol.reconnecting) == (None, False)
         assert await carol.create("lobby", "carol") is not None
+
+
+async def test_a_gap_longer_than_history_is_told_and_the_sequence_goes_on() -> None:
+    async with (
+        running(Config(port=0, grace_seconds=1.0, history=5)) as server,
+        Proxy(server.port) as proxy,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        alice, _ = await Stream.joined(stub, "lobby", "alice", create=True)
+        async with carol_behind(proxy) as (carol, seen):
+            await cut_until_reconnecting(proxy, seen)
+            for n in range(1, 13):
+                await alice.say(f"line {n}")
+            await alice.next_of("member_left")
+            proxy.restore()
+            await seen.until_true(lambda: bool(seen.joined[-1].resumed))
+            resume = seen.joined[-1]
+            assert (resume.replayed, resume.lost) == (5, 7)
+            assert render.event(pb.Event(joined=resume), "carol") == (
+                "* reconnected to lobby as carol; 5 missed messages replayed; "
+                "7 could not be recovered (older than the server keeps)"
+            )
+            await alice.say("live")
+            await seen.until_true(lambda: seen.messages[-1].text == "live")
+            assert carol.repeats_dropped == 0
+    assert [message.seq for message in seen.messages] == list(range(8, 14))
 
 
 async def test_name_taken_while_away_sends_the_member_back_to_waiting() -> None:
