@@ -209,12 +209,16 @@ def test_server_restart_returns_members_to_waiting_once_the_room_is_known_gone(
             restarted.stop()
 
 
+def _in_lobby_when_the_server_crashes(alice: Proc, server_process: ServerProcess) -> None:
+    alice.send("/create lobby")
+    alice.expect("* room lobby created")
+    server_process.process.kill()
+    alice.expect("* connection to the server lost; reconnecting to lobby in ")
+
+
 def test_server_crash_leaves_the_member_reconnecting_until_it_leaves(server_process: ServerProcess) -> None:
     with chat(server_process) as alice:
-        alice.send("/create lobby")
-        alice.expect("* room lobby created")
-        server_process.process.kill()
-        alice.expect("* connection to the server lost; reconnecting to lobby in ")
+        _in_lobby_when_the_server_crashes(alice, server_process)
         alice.send("/who")
         alice.expect("members of lobby: Unknown")
         alice.send("/join other")
@@ -230,10 +234,7 @@ def test_server_crash_leaves_the_member_reconnecting_until_it_leaves(server_proc
 
 def test_ctrl_c_while_reconnecting_exits_without_a_traceback(server_process: ServerProcess) -> None:
     with chat(server_process) as alice:
-        alice.send("/create lobby")
-        alice.expect("* room lobby created")
-        server_process.process.kill()
-        alice.expect("reconnecting to lobby")
+        _in_lobby_when_the_server_crashes(alice, server_process)
         alice.popen.send_signal(signal.SIGINT)
         assert alice.wait() == 130
         assert "Traceback" not in alice.stderr

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -193,9 +194,22 @@ async def test_room_killed_while_reconnecting_sends_the_member_back_to_waiting(
         assert await carol.create("lobby", "carol") is not None
 
 
-async def test_a_gap_longer_than_history_is_told_and_the_sequence_goes_on() -> None:
+@dataclass
+class CutOff:
+    """alice in lobby on a direct stream, and carol in lobby through a proxy that has just been cut."""
+
+    stub: chat_pb2_grpc.ChatServiceAsyncStub
+    alice: Stream
+    proxy: Proxy
+    carol: Session
+    seen: Recorder
+
+
+@contextlib.asynccontextmanager
+async def carol_cut_off(config: Config) -> AsyncIterator[CutOff]:
+    """A server run with `config`, alice, and carol reconnecting after a cut."""
     async with (
-        running(Config(port=0, grace_seconds=1.0, history=5)) as server,
+        running(config) as server,
         Proxy(server.port) as proxy,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
@@ -203,42 +217,41 @@ async def test_a_gap_longer_than_history_is_told_and_the_sequence_goes_on() -> N
         alice, _ = await Stream.joined(stub, "lobby", "alice", create=True)
         async with carol_behind(proxy) as (carol, seen):
             await cut_until_reconnecting(proxy, seen)
-            for n in range(1, 13):
-                await alice.say(f"line {n}")
-            await alice.next_of("member_left")
-            proxy.restore()
-            await seen.until_true(lambda: bool(seen.joined[-1].resumed))
-            resume = seen.joined[-1]
-            assert (resume.replayed, resume.lost) == (5, 7)
-            assert render.event(pb.Event(joined=resume), "carol") == (
-                "* reconnected to lobby as carol; 5 missed messages replayed; "
-                "7 could not be recovered (older than the server keeps)"
-            )
-            await alice.say("live")
-            await seen.until_true(lambda: seen.messages[-1].text == "live")
-            assert carol.repeats_dropped == 0
+            yield CutOff(stub, alice, proxy, carol, seen)
+
+
+async def test_a_gap_longer_than_history_is_told_and_the_sequence_goes_on() -> None:
+    async with carol_cut_off(Config(port=0, grace_seconds=1.0, history=5)) as cut:
+        alice, proxy, carol, seen = cut.alice, cut.proxy, cut.carol, cut.seen
+        for n in range(1, 13):
+            await alice.say(f"line {n}")
+        await alice.next_of("member_left")
+        proxy.restore()
+        await seen.until_true(lambda: bool(seen.joined[-1].resumed))
+        resume = seen.joined[-1]
+        assert (resume.replayed, resume.lost) == (5, 7)
+        assert render.event(pb.Event(joined=resume), "carol") == (
+            "* reconnected to lobby as carol; 5 missed messages replayed; "
+            "7 could not be recovered (older than the server keeps)"
+        )
+        await alice.say("live")
+        await seen.until_true(lambda: seen.messages[-1].text == "live")
+        assert carol.repeats_dropped == 0
     assert [message.seq for message in seen.messages] == list(range(8, 14))
 
 
 async def test_name_taken_while_away_sends_the_member_back_to_waiting() -> None:
     # No grace period: the name is free for anyone as soon as the server notices the broken stream.
-    async with (
-        running(Config(port=0, grace_seconds=1.0, resume_grace_seconds=0)) as server,
-        Proxy(server.port) as proxy,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
-        alice, _ = await Stream.joined(stub, "lobby", "alice", create=True)
-        async with carol_behind(proxy) as (carol, seen):
-            await cut_until_reconnecting(proxy, seen)
-            await alice.next_of("member_left")
-            await Stream.joined(stub, "lobby", "carol")
-            proxy.restore()
-            await seen.until("lost")
-            assert seen.lost == [
-                "someone else took the name carol in room lobby while you were away; you are back in the waiting state"
-            ]
-            assert carol.room is None
+    async with carol_cut_off(Config(port=0, grace_seconds=1.0, resume_grace_seconds=0)) as cut:
+        stub, alice, proxy, carol, seen = cut.stub, cut.alice, cut.proxy, cut.carol, cut.seen
+        await alice.next_of("member_left")
+        await Stream.joined(stub, "lobby", "carol")
+        proxy.restore()
+        await seen.until("lost")
+        assert seen.lost == [
+            "someone else took the name carol in room lobby while you were away; you are back in the waiting state"
+        ]
+        assert carol.room is None
 
 
 async def test_server_restart_while_reconnecting_sends_the_member_back_to_waiting(tmp_path: Path) -> None:

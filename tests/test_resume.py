@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
     Stub = chat_pb2_grpc.ChatServiceAsyncStub
 
 
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[Stub]:
+    """A stub on a channel to a server run with `config`."""
+    async with running(config) as server, grpc.aio.insecure_channel(server.address) as channel:
+        yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
 def _resume(room: str, name: str, token: str, last_seq: int) -> pb.ChatRequest:
     resume = pb.ChatRequest.Resume(token=token, last_seq=last_seq)
     return pb.ChatRequest(join=pb.ChatRequest.JoinRoom(room=room, name=name, resume=resume))
@@ -31,6 +39,14 @@ def _say(text: str, client_id: str) -> pb.ChatRequest:
 
 async def _messages(stream: Stream, count: int) -> list[pb.Message]:
     return [(await stream.next_of("message")).message for _ in range(count)]
+
+
+async def _alice_and_bob_dropped(stub: Stub) -> tuple[Stream, pb.Joined]:
+    """alice in room r, and the Joined of bob, whose stream has just broken."""
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    bob, joined = await Stream.joined(stub, "r", "bob")
+    await _drop(bob)
+    return alice, joined
 
 
 async def _drop(stream: Stream) -> None:
@@ -100,11 +116,7 @@ async def test_resume_while_the_old_stream_lives_swaps_it_quietly(stub: Stub) ->
 
 
 async def test_a_gap_larger_than_history_is_counted_and_the_sequence_goes_on() -> None:
-    async with (
-        running(Config(port=0, history=10, grace_seconds=1.0)) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
+    async with serving(Config(port=0, history=10, grace_seconds=1.0)) as stub:
         alice, _ = await Stream.joined(stub, "r", "alice", create=True)
         bob, joined = await Stream.joined(stub, "r", "bob")
         await _drop(bob)
@@ -159,12 +171,8 @@ async def test_a_line_resent_after_a_resume_is_not_broadcast_again(stub: Stub) -
 
 
 async def test_name_is_held_while_its_member_may_resume() -> None:
-    config = Config(port=0, resume_grace_seconds=0.5, grace_seconds=1.0)
-    async with running(config) as server, grpc.aio.insecure_channel(server.address) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
-        alice, _ = await Stream.joined(stub, "r", "alice", create=True)
-        bob, _ = await Stream.joined(stub, "r", "bob")
-        await _drop(bob)
+    async with serving(Config(port=0, resume_grace_seconds=0.5, grace_seconds=1.0)) as stub:
+        alice, _ = await _alice_and_bob_dropped(stub)
         await alice.next_of("member_left")
         await alice.whisper("bob", "there?")
         error = (await alice.next()).error
@@ -186,12 +194,8 @@ async def test_name_is_held_while_its_member_may_resume() -> None:
 
 
 async def test_resume_after_the_grace_period_still_replays_under_a_free_name() -> None:
-    config = Config(port=0, resume_grace_seconds=0, grace_seconds=1.0)
-    async with running(config) as server, grpc.aio.insecure_channel(server.address) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
-        alice, _ = await Stream.joined(stub, "r", "alice", create=True)
-        bob, joined = await Stream.joined(stub, "r", "bob")
-        await _drop(bob)
+    async with serving(Config(port=0, resume_grace_seconds=0, grace_seconds=1.0)) as stub:
+        alice, joined = await _alice_and_bob_dropped(stub)
         await alice.say("missed")
         back = Stream(stub)
         await back.call.write(_resume("r", "bob", joined.resume_token, 0))
