@@ -199,10 +199,8 @@ class Session:
         return await self._join(room, name, create=True)
 
     async def join(self, room: str, name: str | None = None) -> chat_pb2.Joined | None:
-        """Join `room`; returns the Joined event, or None when the server refused (its Error event was delivered).
-
-        The room's last `history` messages are delivered as HistoryMessage before this returns.
-        """
+        """Join `room`, its last `history` messages delivered as HistoryMessage first; returns the Joined event,
+        or None when the server refused (its Error event was delivered)."""
         return await self._join(room, name, create=False)
 
     async def say(self, text: str) -> bool:

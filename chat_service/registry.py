@@ -60,9 +60,8 @@ class Registry(Protocol[T]):
     async def join(
         self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
     ) -> Membership[T]:
-        """Enter a room (making it first when `create`); an empty name means the numbered default.
-
-        The member first gets the last `history` messages, or with `resume` everything after `resume.last_seq`."""
+        """Enter a room (making it first when `create`; an empty name means the numbered default). The member first
+        gets the room's last `history` messages, or with `resume` its old name and every message after last_seq."""
 
     async def shutdown(self) -> None:
         """Close every room for a server shutdown; later joins fail."""
