@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--history",
         type=_non_negative_int,
         default=DEFAULT_HISTORY,
+        metavar="N",
         help=f"recent messages each room keeps for joins and resumes; 0 keeps none (default: {DEFAULT_HISTORY})",
     )
     parser.add_argument(
