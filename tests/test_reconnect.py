@@ -22,8 +22,8 @@ from chat_service.server import ChatServer, Config
 from tests.conftest import ServerProcess, executable, running, start_server_process
 from tests.proc import Proc
 from tests.proxy import Proxy
+from tests.recorder import Recorder
 from tests.streams import Stream
-from tests.test_session import Recorder
 
 GONE = "room lobby no longer exists (it was closed, or the server restarted); you are back in the waiting state"
 
