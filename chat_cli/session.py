@@ -37,6 +37,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     # Current gRPC cores time the ack with this instead (default one minute), whatever keepalive_timeout says.
     ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Channels to one address otherwise share their connections process-wide, and with them gRPC's reconnect
+    # backoff: a fresh channel, opened to try again now, would fail at once for as long as an old one waits.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 NOT_IN_ROOM = "you are not in a room; /join ROOM or /create ROOM first"
@@ -295,8 +298,10 @@ class Session:
         return True
 
     def _live_stub(self) -> chat_pb2_grpc.ChatServiceAsyncStub:
-        """The stub, moved to a fresh channel if the current one failed and waits out gRPC's reconnect backoff."""
-        if self._channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+        """The stub, moved to a fresh channel unless the current one is connected."""
+        # A channel that lost its connection may sit in gRPC's own reconnect backoff (up to minutes), even while it
+        # reports IDLE, and a call on it fails at once though the server is back; a fresh channel tries now.
+        if self._channel.get_state() != grpc.ChannelConnectivity.READY:
             self._use(grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS))
         return self._stub
 
