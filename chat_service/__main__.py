@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Coroutine
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             history=args.history,
             resume_grace_seconds=args.resume_grace,
         )
+        _tune_gc()
         try:
             _run_loop(run(config, console=console))
         except (OSError, RuntimeError) as error:
@@ -80,6 +82,16 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
+
+
+def _tune_gc() -> None:
+    """Keep full garbage collections rare and small: each one walks every member's objects while delivery waits."""
+    # What start-up made lives as long as the process; frozen, no collection walks it again.
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    # A full collection after 1000 middle ones instead of 10: with thousands of members each took tens of ms,
+    # which was the server's worst latency (bench/README.md has the measurements).
+    gc.set_threshold(young, middle, 1000)
 
 
 def _run_loop(main: Coroutine[None, None, None]) -> None:
