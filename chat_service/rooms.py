@@ -156,7 +156,11 @@ class _Seat(Generic[T]):
         if len(sent) > SENT_IDS_KEPT:
             del sent[next(iter(sent))]
 
-    def release(self) -> None:
+    def recall(self, client_id: str) -> T | None:
+        """What `client_id` produced, if it was used and is still remembered."""
+        return self.sent.get(client_id) if self.sent is not None else None
+
+    def cancel_expiry(self) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
@@ -272,7 +276,7 @@ class Member(Generic[T]):
 
     def _resent(self, client_id: str) -> bool:
         """Give a re-sent line's original event back to this member alone; False if the id is new."""
-        sent = self._seat.sent.get(client_id) if self._seat.sent is not None else None
+        sent = self._seat.recall(client_id)
         if sent is None:
             return False
         self.push(sent)
@@ -392,7 +396,7 @@ class MemoryRegistry(Generic[T]):
             seat = target.seats[name] = _Seat(target, name)
         elif not hmac.compare_digest(seat.token, resume.token):
             raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
-        seat.release()
+        seat.cancel_expiry()
         replay, lost = target.history.after(resume.last_seq)
         previous = seat.member
         if previous is not None:
@@ -400,7 +404,7 @@ class MemoryRegistry(Generic[T]):
             previous.drop(ChatError(ErrorKind.RESUMED_ELSEWHERE, "this membership was resumed on another connection"))
             del target.members[name]
         log.debug("%s resumed in room %s after message %d", name, room, resume.last_seq)
-        return self._admit(target, seat, replay, lost=lost, created=False, resumed=True, returned=previous is None)
+        return self._admit(target, seat, replay, lost=lost, created=False, resumed=True, swap=previous is not None)
 
     def _admit(
         self,
@@ -411,16 +415,17 @@ class MemoryRegistry(Generic[T]):
         lost: int,
         created: bool,
         resumed: bool,
-        returned: bool = False,
+        swap: bool = False,
     ) -> Member[T]:
-        """Seat a new member: its Joined event and `replay` first, then the room hears of it (unless a swap)."""
+        """Seat a new member: its Joined event and `replay` first, then the room hears of it, unless it only swapped
+        streams; a resumed member is announced as returned."""
         members = tuple(sorted([*room.members, seat.name]))
         joined = Joined(
             room.name, seat.name, members, room.history.last_seq, created, resumed, seat.token, len(replay), lost
         )
         member = Member(self, room, seat, [self.encode(joined), *replay])
-        if not resumed or returned:
-            self.fan_out(room, MemberJoined(seat.name, returned))
+        if not swap:
+            self.fan_out(room, MemberJoined(seat.name, returned=resumed))
         room.members[seat.name] = seat.member = member
         log.debug("%s joined room %s", seat.name, room.name)
         return member
@@ -439,7 +444,7 @@ class MemoryRegistry(Generic[T]):
             self._unseat(room, seat)
 
     def _unseat(self, room: _Room[T], seat: _Seat[T]) -> None:
-        seat.release()
+        seat.cancel_expiry()
         if room.seats.get(seat.name) is seat:
             del room.seats[seat.name]
 
@@ -516,7 +521,7 @@ class MemoryRegistry(Generic[T]):
         members = list(room.members.values())
         room.members.clear()
         for seat in room.seats.values():
-            seat.release()
+            seat.cancel_expiry()
         room.seats.clear()
         for member in members:
             member.end_with(item)

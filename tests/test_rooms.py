@@ -61,6 +61,14 @@ async def take(member: Member[Event]) -> list[Event]:
     return []
 
 
+async def settled(rooms: MemoryRegistry[Event], *names: str) -> list[Member[Event]]:
+    """Members `names` of room r (the first makes it), each past the batch that answered its join."""
+    members = [await rooms.join("r", name, create=i == 0) for i, name in enumerate(names)]
+    for member in members:
+        await take(member)
+    return members
+
+
 async def test_join_sees_members_and_others_see_join() -> None:
     rooms = registry()
     alice = await rooms.join("lobby", "alice", create=True)
@@ -74,9 +82,7 @@ async def test_join_sees_members_and_others_see_join() -> None:
 
 async def test_messages_are_numbered_and_reach_everyone_in_one_order() -> None:
     rooms = registry()
-    members = [await rooms.join("r", name, create=name == "a") for name in "abc"]
-    for member in members:
-        await take(member)
+    members = await settled(rooms, "a", "b", "c")
     await members[2].say("one")
     await members[0].say("two")
     for member in members:
@@ -102,9 +108,7 @@ async def test_broadcast_is_encoded_once_and_shared() -> None:
 
 async def test_whisper_goes_to_recipient_and_sender_only() -> None:
     rooms = registry()
-    alice, bob, carol = [await rooms.join("r", n, create=n == "alice") for n in ("alice", "bob", "carol")]
-    for member in (alice, bob, carol):
-        await take(member)
+    alice, bob, carol = await settled(rooms, "alice", "bob", "carol")
     await alice.whisper("bob", "psst")
     expected = [Whisper("alice", "bob", "psst", drain(bob)[0].sent_at_ns)]  # type: ignore[union-attr]
     assert drain(alice) == expected
@@ -151,10 +155,7 @@ async def test_default_names_are_numbered_and_freed() -> None:
 
 async def test_leave_tells_the_others_and_ends_the_batches() -> None:
     rooms = registry()
-    alice = await rooms.join("r", "alice", create=True)
-    bob = await rooms.join("r", "bob")
-    await take(alice)
-    await take(bob)
+    alice, bob = await settled(rooms, "alice", "bob")
     await bob.leave()
     await bob.leave()
     assert await take(bob) == []
@@ -253,10 +254,7 @@ async def test_eviction_is_announced_to_the_rest() -> None:
 
 async def test_report_queues_an_error_for_one_member() -> None:
     rooms = registry()
-    alice = await rooms.join("r", "alice", create=True)
-    bob = await rooms.join("r", "bob")
-    await take(alice)
-    await take(bob)
+    alice, bob = await settled(rooms, "alice", "bob")
     error = ChatError(ErrorKind.INVALID_TEXT, "too long")
     alice.report(error)
     assert drain(alice) == [Problem(error)]
