@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import bare
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,3 +31,28 @@ def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: 
     assert {"burst", "steady", "idle"} <= {shape["kind"] for shape in shapes.values()}
     assert all(shape["ok"] and not shape["errors"] for shape in shapes.values())
     assert "exactly once and in order" in run.stdout
+
+
+def test_bare_benchmark_prints_a_row_per_case() -> None:
+    case = ["--streams", "64", "--rounds", "40", "--events", "3", "--in-flight", "4,0"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.bare", *case],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()[2:]]
+    assert [(row[0], " ".join(row[1:-3])) for row in rows] == [("3", "4"), ("3", "no cap")]
+    for row in rows:
+        per_write, per_event = float(row[-3]), float(row[-2])
+        assert per_write > 0
+        assert per_event == pytest.approx(per_write / 3, rel=0.01)
+
+
+def test_bare_benchmark_refuses_zero_events() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bare.parse_args(["--events", "1,0"])
+    assert exit_info.value.code == 2
