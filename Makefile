@@ -10,7 +10,7 @@ NODE_TEST_DEPS := tests/node/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: all proto run client admin test lint bench clean
+.PHONY: all proto run client admin test lint bench bench-bare clean
 
 all: proto
 
@@ -65,6 +65,10 @@ test: proto lint $(NODE_TEST_DEPS)
 ## bench: the fan-out benchmark (QUICK=1 for small shapes)
 bench: proto
 	$(BIN)/python -m bench $(if $(QUICK),--quick,) $(if $(RUNS),--runs $(RUNS),)
+
+## bench-bare: what a bare grpc.aio server spends per streamed write, the floor under every figure of `make bench`
+bench-bare: proto
+	$(BIN)/python -m bench.bare
 
 clean:
 	rm -rf $(VENV) $(PB) tools/node_modules tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache
