@@ -15,7 +15,7 @@ from types import FrameType
 
 from bench import report, shapes
 from bench.report import Outcome
-from bench.runner import BenchError, Options, ServerError, run_once
+from bench.runner import STREAMS_PER_CHANNEL, BenchError, Options, ServerError, run_once
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="load-generator processes, each with its own event loop and channels (default: one per CPU)",
     )
     parser.add_argument(
-        "--streams-per-channel", type=int, default=64, help="Chat streams per channel (TCP connection; default: 64)"
+        "--streams-per-channel",
+        type=int,
+        default=STREAMS_PER_CHANNEL,
+        help=f"Chat streams per channel (TCP connection; default: {STREAMS_PER_CHANNEL})",
     )
     parser.add_argument("--max-queue", type=int, help="pass --max-queue to chat-server (default: the server's own)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the results (default: {RESULTS})")

@@ -13,7 +13,7 @@ import multiprocessing
 import queue
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 import grpc
 
 from bench import procstat
+from bench.runner import STREAMS_PER_CHANNEL, stop_processes
+from bench.worker import CHANNEL_OPTIONS
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 
 TIMEOUT = 120.0
-STREAMS_PER_CHANNEL = 64
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 
@@ -81,7 +82,9 @@ async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, re
     message = pb.Event(message=pb.Message(seq=1, sender="alice", text="x" * 40))
     message.message.sent_at.GetCurrentTime()
     payload = pb.ChatResponse(events=[message] * case.events).SerializeToString()
-    slots = asyncio.Semaphore(case.in_flight) if case.in_flight else None
+    slots: contextlib.AbstractAsyncContextManager[object] = (
+        asyncio.Semaphore(case.in_flight) if case.in_flight else contextlib.nullcontext()
+    )
     opened = 0
     all_open = asyncio.Event()
     go = asyncio.Event()
@@ -93,11 +96,8 @@ async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, re
             all_open.set()
         await go.wait()
         for _ in range(case.rounds):
-            if slots is None:
+            async with slots:
                 await context.write(payload)
-            else:
-                async with slots:
-                    await context.write(payload)
 
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Chat": grpc.stream_stream_rpc_method_handler(chat, response_serializer=None)}
@@ -123,8 +123,7 @@ def _read(case: Case, port: int, read_all: ProcessEvent) -> None:
 
 async def _read_async(case: Case, port: int, read_all: ProcessEvent) -> None:
     count = -(-case.streams // STREAMS_PER_CHANNEL)
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(count)]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) for _ in range(count)]
 
     async def one(index: int) -> None:
         call = chat_pb2_grpc.ChatServiceStub(channels[index // STREAMS_PER_CHANNEL]).Chat()
@@ -159,11 +158,7 @@ def measure(case: Case) -> Result:
         processes.append(reader)
         return _get(results, processes)
     finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        stop_processes(processes, patience=10.0)
 
 
 def _get(answers: Queue[T], processes: list[BaseProcess]) -> T:
@@ -213,16 +208,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Measure every combination of --events and --in-flight and print a row for each."""
     args = parse_args(argv)
-    out(f"bare grpc.aio server ({args.loop}), {args.streams} streams x {args.rounds} writes, reader in another process")
-    out(f"{'events/write':>12} {'in flight':>10} {'µs/write':>9} {'µs/event':>9} {'wall s':>7}")
+    print(f"bare grpc.aio server ({args.loop}), {args.streams} streams x {args.rounds} writes, read by another process")
+    print(f"{'events/write':>12} {'in flight':>10} {'µs/write':>9} {'µs/event':>9} {'wall s':>7}")
     for events in args.events:
         for in_flight in args.in_flight:
             result = measure(Case(args.streams, args.rounds, events, in_flight, args.loop))
             cap = str(in_flight) if in_flight else "no cap"
-            out(
+            print(
                 f"{events:>12} {cap:>10} {result.us_per_write:>9.1f} {result.us_per_event:>9.2f} "
                 f"{result.wall_seconds:>7.2f}"
             )

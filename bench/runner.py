@@ -27,12 +27,15 @@ class BenchError(Exception):
     """The run could not be completed (a worker failed or timed out); not a verdict on the server."""
 
 
+STREAMS_PER_CHANNEL = 64
+
+
 @dataclass(frozen=True)
 class Options:
     """How the load generator is laid out."""
 
     workers: int
-    streams_per_channel: int = 64
+    streams_per_channel: int = STREAMS_PER_CHANNEL
     open_concurrency: int = 128
     wave_size: int = 256
     max_queue: int | None = None
@@ -286,18 +289,23 @@ def _collect(handles: list[_Handle], kind: type[R], timeout: float, server: Serv
 
 
 def _stop_workers(handles: list[_Handle], patience: float) -> None:
-    """Give workers `patience` seconds to exit on their own, then terminate and finally kill the stragglers."""
-    deadline = time.monotonic() + patience
+    stop_processes([handle.process for handle in handles], patience)
     for handle in handles:
-        handle.process.join(max(0.0, deadline - time.monotonic()))
-    for handle in handles:
-        if handle.process.is_alive():
-            handle.process.terminate()
-            handle.process.join(2)
-        if handle.process.is_alive():
-            handle.process.kill()
-            handle.process.join(2)
         handle.conn.close()
+
+
+def stop_processes(processes: list[BaseProcess], patience: float) -> None:
+    """Give processes `patience` seconds to exit on their own, then terminate and finally kill the stragglers."""
+    deadline = time.monotonic() + patience
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(2)
+        if process.is_alive():
+            process.kill()
+            process.join(2)
 
 
 def _percentiles(samples: array[int]) -> tuple[float | None, float | None, float | None]:

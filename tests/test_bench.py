@@ -16,14 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--output", str(results)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    run = _module("bench", "--quick", "--output", str(results))
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(results.read_text())
     assert report["ok"]
@@ -34,15 +27,7 @@ def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: 
 
 
 def test_bare_benchmark_prints_a_row_per_case() -> None:
-    case = ["--streams", "64", "--rounds", "40", "--events", "3", "--in-flight", "4,0"]
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.bare", *case],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = _module("bench.bare", "--streams", "64", "--rounds", "40", "--events", "3", "--in-flight", "4,0")
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line.split() for line in run.stdout.splitlines()[2:]]
     assert [(row[0], " ".join(row[1:-3])) for row in rows] == [("3", "4"), ("3", "no cap")]
@@ -56,3 +41,10 @@ def test_bare_benchmark_refuses_zero_events() -> None:
     with pytest.raises(SystemExit) as exit_info:
         bare.parse_args(["--events", "1,0"])
     assert exit_info.value.code == 2
+
+
+def _module(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m name args` from the project root, bounded at 3 minutes."""
+    return subprocess.run(
+        [sys.executable, "-m", name, *args], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
