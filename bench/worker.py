@@ -8,11 +8,12 @@ import os
 import time
 import traceback
 from array import array
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+import uvloop
 
 from bench import procstat
 from bench.protocol import Check, Command, Done, End, Failed, Final, Go, Join, Opened, Report, Settled, WorkerPlan
@@ -352,7 +353,7 @@ class _Worker:
         """Open, join wave by wave, run the load on Go and report Done, then drain on End and report Final."""
         plan = self.plan
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.conn.fileno(), self._on_command)
+        watch(self.conn, self._on_command)
         per_channel = max(1, plan.streams_per_channel)
         channels = [
             grpc.aio.insecure_channel(plan.address, options=CHANNEL_OPTIONS)
@@ -483,6 +484,14 @@ class _Worker:
         return tasks
 
 
+def watch(conn: Connection, on_readable: Callable[[], None]) -> None:
+    """Call `on_readable` on the running loop whenever the coordinator has written to `conn`."""
+    asyncio.get_running_loop().add_reader(conn.fileno(), on_readable)
+    # uvloop makes a watched descriptor non-blocking, and this pipe is written to as well: a large Final would then
+    # be cut short, and the coordinator would see "got end of file during message".
+    os.set_blocking(conn.fileno(), True)
+
+
 def _cpu() -> float:
     """CPU seconds (user + system, all threads) this process has used, as the server's are counted."""
     return procstat.cpu_seconds()
@@ -491,7 +500,8 @@ def _cpu() -> float:
 def main(plan: WorkerPlan, conn: Connection) -> None:
     """Entry point of a worker process (started with the spawn method, so grpc starts fresh here)."""
     try:
-        asyncio.run(_Worker(plan, conn).run())
+        # uvloop cuts the load generator's CPU per read by about a tenth, leaving more of the machine to the server.
+        uvloop.run(_Worker(plan, conn).run())
     except BaseException as error:  # the coordinator must hear about any failure, then the process ends
         if isinstance(error, RuntimeError):
             reason = "".join(traceback.format_exception_only(error)).strip()
