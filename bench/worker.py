@@ -500,7 +500,7 @@ def _cpu() -> float:
 def main(plan: WorkerPlan, conn: Connection) -> None:
     """Entry point of a worker process (started with the spawn method, so grpc starts fresh here)."""
     try:
-        # uvloop cuts the load generator's CPU per read by about a tenth, leaving more of the machine to the server.
+        # uvloop cuts the load generator's CPU by up to a tenth (bench/README.md), leaving more CPU to the server.
         uvloop.run(_Worker(plan, conn).run())
     except BaseException as error:  # the coordinator must hear about any failure, then the process ends
         if isinstance(error, RuntimeError):

@@ -1,4 +1,4 @@
-"""The benchmark's smoke run, so that CI runs `make bench`'s code once: no thresholds, only exactly-once delivery."""
+"""The benchmark's smoke runs, so that CI runs `make bench`'s code once (no thresholds), and the pieces they rest on."""
 
 from __future__ import annotations
 
