@@ -333,9 +333,7 @@ class Session:
 
     async def _finish(self, stream: _Stream) -> None:
         """Half-close the stream and wait for the server to end it, cancelling it if that takes too long."""
-        async with stream.lock:
-            with contextlib.suppress(*_ENDED_BY_SENDING):
-                await stream.call.done_writing()
+        await _half_close(stream)
         done, _ = await asyncio.wait({stream.reader}, timeout=CLOSE_TIMEOUT)
         if not done:
             stream.leaving = True
@@ -354,9 +352,7 @@ class Session:
                     self._apply(stream, event)
                 if any(event.HasField("room_closed") for event in response.events):
                     # The server waits a moment for this half-close before ending the call itself.
-                    async with stream.lock:
-                        with contextlib.suppress(*_ENDED_BY_SENDING):
-                            await stream.call.done_writing()
+                    await _half_close(stream)
         except grpc.aio.AioRpcError as exc:
             self._ended(stream, exc)
         except asyncio.CancelledError:
@@ -581,6 +577,13 @@ class Session:
         if failure.code() == grpc.StatusCode.UNAVAILABLE:
             return UnreachableError(self.address)
         return SessionError(failure.details() or f"the server refused the request ({failure.code().name})")
+
+
+async def _half_close(stream: _Stream) -> None:
+    """Tell the server this client writes no more on `stream`; nothing to do if the call has ended."""
+    async with stream.lock:
+        with contextlib.suppress(*_ENDED_BY_SENDING):
+            await stream.call.done_writing()
 
 
 def _backoff(attempt: int) -> float:

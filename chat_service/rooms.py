@@ -366,19 +366,14 @@ class MemoryRegistry(Generic[T]):
             check_name(name, "member")
         if resume is not None:
             return self._resume(room, name, resume)
-        target = self._rooms.get(room)
-        if create:
-            if target is not None:
-                raise ChatError(ErrorKind.ROOM_EXISTS, f"room {room!r} already exists; /join {room} enters it")
-        elif target is None:
+        target = self._create(room) if create else self._rooms.get(room)
+        if target is None:
             raise ChatError(
                 ErrorKind.ROOM_NOT_FOUND,
                 f"room {room!r} does not exist; /ls lists rooms, /create {room} makes it",
             )
-        if target is not None and name in target.seats:
+        if name in target.seats:
             raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
-        if target is None:
-            target = self._create(room)
         seat = _Seat(target, name or _free_default(target.seats))
         target.seats[seat.name] = seat
         return self._admit(target, seat, target.history.last(history), lost=0, created=create, resumed=False)
