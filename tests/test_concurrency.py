@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from typing import TYPE_CHECKING
 
 import grpc
 
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service.server import ChatServer
+from tests.conftest import ServerProcess
 from tests.streams import Stream
 
 if TYPE_CHECKING:
@@ -18,6 +21,9 @@ if TYPE_CHECKING:
 
 MEMBERS = 12
 LINES = 15
+# gRPC's own default backlog of calls not yet taken by the server turns some of these away at random.
+STORM = 4000
+STORM_STREAMS_PER_CHANNEL = 64
 
 
 async def _member(stub: Stub, room: str, name: str, joined_all: asyncio.Event) -> list[tuple[int, str, str]]:
@@ -95,3 +101,52 @@ async def _wait_for_members(stub: Stub, room: str, count: int, ready: asyncio.Ev
             present += 1
     await watcher.leave()
     ready.set()
+
+
+# A separate process with a plain event loop, so the calls go out as fast as a real crowd's would.
+_STORM_CLIENT = """
+import asyncio, collections, contextlib, json, sys, grpc
+from chat_service._pb.chat.v1 import chat_pb2 as pb, chat_pb2_grpc
+address, count, per_channel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+async def main():
+    async with contextlib.AsyncExitStack() as stack:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            await stack.enter_async_context(grpc.aio.insecure_channel(address, options=options))
+            for _ in range(-(-count // per_channel))
+        ]
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
+        async def answered(index):
+            call = chat_pb2_grpc.ChatServiceStub(channels[index // per_channel]).Chat()
+            try:
+                # A request with no action draws an error event: proof that a handler serves this stream.
+                await call.write(pb.ChatRequest())
+                response = await call.read()
+                return response.events[0].WhichOneof("kind")
+            except grpc.aio.AioRpcError as error:
+                return f"{error.code().name}: {error.details()}"
+        outcomes = await asyncio.gather(*(answered(index) for index in range(count)))
+    print(json.dumps(collections.Counter(outcomes)))
+asyncio.run(main())
+"""
+
+
+async def test_a_storm_of_streams_opened_at_once_is_served_in_full(server_process: ServerProcess) -> None:
+    """Clients that all reconnect at once, as after a restart, all get in: none is refused for the crowd."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _STORM_CLIENT,
+        server_process.address,
+        str(STORM),
+        str(STORM_STREAMS_PER_CHANNEL),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        output, _ = await asyncio.wait_for(child.communicate(), 50)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert child.returncode == 0
+    assert json.loads(output) == {"error": STORM}
