@@ -102,7 +102,11 @@ async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, re
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Chat": grpc.stream_stream_rpc_method_handler(chat, response_serializer=None)}
     )
-    server = grpc.aio.server()
+    # As in the chat server: with gRPC's default backlog of calls not yet taken up, some of 1400 or more streams
+    # opened together are refused.
+    server = grpc.aio.server(
+        options=[("grpc.server.max_pending_requests", 10_000), ("grpc.server.max_pending_requests_hard_limit", 20_000)]
+    )
     server.add_generic_rpc_handlers([handler])
     ports.put(server.add_insecure_port("127.0.0.1:0"))
     await server.start()

@@ -40,6 +40,12 @@ def test_bare_benchmark_prints_a_row_per_case() -> None:
         assert per_event == pytest.approx(per_write / 3, rel=0.01)
 
 
+def test_bare_benchmark_serves_thousands_of_streams_opened_together() -> None:
+    run = _module("bench.bare", "--streams", "3000", "--rounds", "1", "--events", "1", "--in-flight", "0")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(run.stdout.splitlines()) == 3
+
+
 def test_bare_benchmark_refuses_zero_events() -> None:
     with pytest.raises(SystemExit) as exit_info:
         bare.parse_args(["--events", "1,0"])
