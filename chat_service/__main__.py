@@ -8,13 +8,13 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from chat_service.history import DEFAULT_HISTORY
-from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
+from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
 from chat_service.server import Config, run
 
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--history",
-        type=_non_negative_int,
+        type=_at_least(0),
         default=DEFAULT_HISTORY,
         metavar="N",
         help=f"recent messages each room keeps for joins and resumes; 0 keeps none (default: {DEFAULT_HISTORY})",
@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="how long a member whose connection dropped keeps its name for a resume "
         f"(default: {DEFAULT_RESUME_GRACE_SECONDS:g})",
+    )
+    parser.add_argument(
+        "--max-rooms",
+        type=_at_least(1),
+        default=DEFAULT_MAX_ROOMS,
+        metavar="N",
+        help=f"rooms the server holds at most; creating one more is refused (default: {DEFAULT_MAX_ROOMS})",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG shows joins and leaves (default: INFO)")
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             queue_limit=args.max_queue,
             history=args.history,
             resume_grace_seconds=args.resume_grace,
+            max_rooms=args.max_rooms,
         )
         _tune_gc()
         try:
@@ -77,11 +85,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def whole_number(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+
+    return whole_number
 
 
 def _tune_gc() -> None:

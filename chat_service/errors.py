@@ -19,6 +19,7 @@ class ErrorKind(enum.Enum):
     BAD_REQUEST = enum.auto()
     TOO_SLOW = enum.auto()
     RESUMED_ELSEWHERE = enum.auto()
+    ROOM_LIMIT = enum.auto()
 
 
 class ChatError(Exception):

@@ -39,6 +39,8 @@ DEFAULT_BATCH_LIMIT = 256
 DEFAULT_WRITE_SLOTS = 16
 DEFAULT_SLOT_HOLD_SECONDS = 0.1
 DEFAULT_RESUME_GRACE_SECONDS = 30.0
+# Rooms stay until killed, about 1.4 KiB each when empty: a cap keeps a script from filling the server's memory.
+DEFAULT_MAX_ROOMS = 10_000
 # How many of a member's recent client ids are remembered to recognise a re-sent line.
 SENT_IDS_KEPT = 256
 
@@ -334,6 +336,7 @@ class MemoryRegistry(Generic[T]):
         write_slots: int = DEFAULT_WRITE_SLOTS,
         history_limit: int = DEFAULT_HISTORY,
         resume_grace: float = DEFAULT_RESUME_GRACE_SECONDS,
+        max_rooms: int = DEFAULT_MAX_ROOMS,
     ) -> None:
         self.encode = encode
         self.queue_limit = queue_limit
@@ -341,6 +344,7 @@ class MemoryRegistry(Generic[T]):
         self.slots = WriteSlots(write_slots)
         self.history_limit = history_limit
         self.resume_grace = resume_grace
+        self.max_rooms = max_rooms
         self._rooms: dict[str, _Room[T]] = {}
         self._closed = False
 
@@ -507,6 +511,12 @@ class MemoryRegistry(Generic[T]):
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, "the server is shutting down; no rooms can be made")
         if room in self._rooms:
             raise ChatError(ErrorKind.ROOM_EXISTS, f"room {room!r} already exists; /join {room} enters it")
+        if len(self._rooms) >= self.max_rooms:
+            raise ChatError(
+                ErrorKind.ROOM_LIMIT,
+                f"the server has reached its limit of rooms ({self.max_rooms}); /join one of them, or ask an "
+                "admin to /kill rooms nobody uses",
+            )
         created = self._rooms[room] = _Room[T](room, self.history_limit)
         log.info("New room %s created", room)
         return created

@@ -19,7 +19,7 @@ from chat_service.console import run_console
 from chat_service.encoding import encode
 from chat_service.history import DEFAULT_HISTORY
 from chat_service.registry import Registry
-from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, MemoryRegistry
+from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, MemoryRegistry
 from chat_service.service import SERVICE_NAME, ChatServicer, handler
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Config:
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     history: int = DEFAULT_HISTORY
     resume_grace_seconds: float = DEFAULT_RESUME_GRACE_SECONDS
+    max_rooms: int = DEFAULT_MAX_ROOMS
     grace_seconds: float = 5.0
     keepalive_seconds: float = 10.0
 
@@ -79,6 +80,7 @@ class ChatServer:
             queue_limit=config.queue_limit,
             history_limit=config.history,
             resume_grace=config.resume_grace_seconds,
+            max_rooms=config.max_rooms,
         )
         self._token = _choose_token(config, token)
         self.health = health.aio.HealthServicer()

@@ -19,6 +19,7 @@ _TABLE: dict[ErrorKind, tuple[grpc.StatusCode, pb.ErrorCode.ValueType]] = {
     ErrorKind.BAD_REQUEST: (grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_REQUEST),
     ErrorKind.TOO_SLOW: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_UNSPECIFIED),
     ErrorKind.RESUMED_ELSEWHERE: (grpc.StatusCode.ABORTED, pb.ERROR_CODE_UNSPECIFIED),
+    ErrorKind.ROOM_LIMIT: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_ROOM_LIMIT),
 }
 
 

@@ -181,6 +181,20 @@ async def test_kill_closes_room_for_every_member_and_forgets_it() -> None:
     await rooms.create_room("r")
 
 
+async def test_rooms_past_the_limit_are_refused_until_one_is_killed() -> None:
+    rooms = registry(max_rooms=2)
+    await rooms.create_room("a")
+    await rooms.join("b", "bob", create=True)
+    for attempt in (rooms.create_room("c"), rooms.join("c", "carol", create=True)):
+        with pytest.raises(ChatError) as info:
+            await attempt
+        assert info.value.kind is ErrorKind.ROOM_LIMIT
+        assert "limit of rooms (2)" in info.value.message
+    assert [room.name for room in await rooms.list_rooms()] == ["a", "b"]
+    await rooms.kill_room("a")
+    await rooms.create_room("c")
+
+
 async def test_shutdown_closes_every_room_and_refuses_new_ones() -> None:
     rooms = registry()
     members = {room: await rooms.join(room, "m", create=True) for room in ("a", "b")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -10,6 +11,7 @@ import pytest
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.server import ChatServer
+from tests.conftest import start_server_process
 from tests.streams import Stream
 
 if TYPE_CHECKING:
@@ -132,6 +134,27 @@ async def test_create_room_twice_is_already_exists(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_rooms_past_the_servers_limit_are_refused_and_the_stream_lives_on(tmp_path: Path) -> None:
+    server = start_server_process(tmp_path / "state", "--max-rooms", "1")
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            await stub.CreateRoom(pb.CreateRoomRequest(room="first"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.CreateRoom(pb.CreateRoomRequest(room="second"))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit of rooms (1)" in (info.value.details() or "")
+            stream = Stream(stub)
+            await stream.join("second", "me", create=True)
+            error = (await stream.next()).error
+            assert error.code == pb.ERROR_CODE_ROOM_LIMIT
+            assert "/kill" in error.message
+            await stream.join("first", "me")
+            assert (await stream.next()).joined.room == "first"
+    finally:
+        server.stop()
 
 
 async def test_list_rooms_counts_members_and_last_seq(stub: Stub) -> None:
