@@ -27,6 +27,7 @@ from bench.runner import STREAMS_PER_CHANNEL, stop_processes
 from bench.worker import CHANNEL_OPTIONS
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat_service.server import BACKLOG_OPTIONS
 
 TIMEOUT = 120.0
 T = TypeVar("T")
@@ -102,11 +103,8 @@ async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, re
     handler = grpc.method_handlers_generic_handler(
         SERVICE, {"Chat": grpc.stream_stream_rpc_method_handler(chat, response_serializer=None)}
     )
-    # As in the chat server: with gRPC's default backlog of calls not yet taken up, some of 1400 or more streams
-    # opened together are refused.
-    server = grpc.aio.server(
-        options=[("grpc.server.max_pending_requests", 10_000), ("grpc.server.max_pending_requests_hard_limit", 20_000)]
-    )
+    # With gRPC's default backlog of calls not yet taken up, some of 1400 or more streams opened together fail.
+    server = grpc.aio.server(options=BACKLOG_OPTIONS)
     server.add_generic_rpc_handlers([handler])
     ports.put(server.add_insecure_port("127.0.0.1:0"))
     await server.start()
