@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import logging
 import os
 import secrets
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
+log = logging.getLogger(__name__)
+
 ENV_VAR = "CHAT_ADMIN_TOKEN"
+
+
+class TokenFileError(Exception):
+    """The token file cannot be written safely; the text says what to fix."""
 
 
 def default_token_path(port: int) -> Path:
@@ -26,12 +35,41 @@ def new_token() -> str:
 
 
 def write_token(path: Path, token: str) -> None:
-    """Write `token` to `path` so that only this user can read it."""
+    """Write `token` to `path`, readable only by this user, replacing whatever is there without following links."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(token + "\n")
-    os.chmod(path, 0o600)
+    directory = _open_private_directory(path.parent)
+    temporary = f".{path.name}.{secrets.token_hex(8)}"
+    try:
+        # A new name opened with O_EXCL and O_NOFOLLOW cannot be a link planted in advance, and the rename then
+        # replaces the name itself: a stale file or a link left at `path` is swapped out, never written through.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory)
+        try:
+            os.write(fd, (token + "\n").encode())
+        finally:
+            os.close(fd)
+        os.replace(temporary, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)
+        raise
+    finally:
+        os.close(directory)
+
+
+def _open_private_directory(path: Path) -> int:
+    """Open the token's directory, refusing a link or another user's directory and closing loose permissions."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise TokenFileError(f"cannot use {path} for the admin token: it is a link or not a directory") from error
+    info = os.fstat(fd)
+    if info.st_uid != os.getuid():
+        os.close(fd)
+        raise TokenFileError(f"{path} belongs to another user; the admin token cannot be kept there safely")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        log.warning("%s was open to other users; made it private (mode 700)", path)
+        os.fchmod(fd, 0o700)
+    return fd
 
 
 def read_token(path: Path) -> str:
@@ -46,10 +84,9 @@ Resp = TypeVar("Resp")
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses the guarded methods unless the call carries `authorization: Bearer TOKEN`."""
 
-    def __init__(self, token: str, guarded: frozenset[str], hint: str) -> None:
+    def __init__(self, token: str, guarded: frozenset[str]) -> None:
         self._expected = f"Bearer {token}".encode()
         self._guarded = guarded
-        self.hint = hint
 
     async def intercept_service(
         self,
@@ -63,13 +100,13 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
         if given is None:
             return _refuse(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"this needs the admin token as 'authorization: Bearer TOKEN' metadata; {self.hint}",
+                "this needs the admin token as 'authorization: Bearer TOKEN' metadata",
             )
         given_bytes = given if isinstance(given, bytes) else given.encode()
         # compare_digest takes the same time wherever the first difference is, so the token cannot be guessed
         # byte by byte from response times.
         if not hmac.compare_digest(given_bytes, self._expected):
-            return _refuse(grpc.StatusCode.PERMISSION_DENIED, f"the admin token is wrong; {self.hint}")
+            return _refuse(grpc.StatusCode.PERMISSION_DENIED, "the admin token is wrong")
         return await continuation(handler_call_details)
 
 

@@ -88,9 +88,7 @@ class ChatServer:
         )
         self._token = _choose_token(config, token)
         self.health = health.aio.HealthServicer()
-        self._guard = admin_token.AdminTokenInterceptor(
-            self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}), self._token_hint()
-        )
+        self._guard = admin_token.AdminTokenInterceptor(self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}))
         self._server = grpc.aio.server(interceptors=[self._guard], options=server_options(config.keepalive_seconds))
         self._server.add_generic_rpc_handlers([handler(ChatServicer(self.registry))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -122,7 +120,6 @@ class ChatServer:
         if self._token.generated:
             self._token.path = admin_token.default_token_path(self.port)
             admin_token.write_token(self._token.path, self._token.value)
-            self._guard.hint = self._token_hint()
         await self._server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -134,13 +131,6 @@ class ChatServer:
         await self._server.stop(self.config.grace_seconds)
         if self._token.generated and self._token.path is not None:
             self._token.path.unlink(missing_ok=True)
-
-    def _token_hint(self) -> str:
-        if self._token.path is not None and self._token.generated:
-            return f"chat-admin reads it from {self._token.path}"
-        if self._token.path is not None:
-            return f"the server reads it from {self._token.path}"
-        return f"the server takes it from ${admin_token.ENV_VAR}"
 
 
 def _choose_token(config: Config, token: str | None) -> _Token:

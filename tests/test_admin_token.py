@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -11,7 +13,8 @@ import pytest
 from chat_service import admin_token
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
-from tests.conftest import ServerProcess, start_server_process
+from tests.conftest import ServerProcess, executable, start_server_process
+from tests.proc import unused_port
 
 
 def _kill(address: str, token: str) -> grpc.StatusCode:
@@ -51,3 +54,83 @@ def test_server_takes_the_token_from_a_file_or_the_environment(tmp_path: Path, s
         proc.process.wait(timeout=10)
         if proc.process.stdout is not None:
             proc.process.stdout.close()
+
+
+def _token_path(state: Path, port: int) -> Path:
+    return state / "chat-service" / f"admin-token-{port}"
+
+
+def _refusals(address: str) -> list[str]:
+    """The details of a KillRoom refused without a token and with a wrong one."""
+    details: list[str] = []
+    with grpc.insecure_channel(address) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.KillRoom(pb.KillRoomRequest(room="r"), metadata=metadata)
+            assert isinstance(refused.value, grpc.Call)
+            details.append(refused.value.details() or "")
+    return details
+
+
+def test_a_link_planted_at_the_token_path_is_replaced_not_followed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    port = unused_port()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    planted = _token_path(state, port)
+    planted.parent.mkdir(parents=True, mode=0o700)
+    planted.symlink_to(victim)
+    proc = start_server_process(state, "--port", str(port))
+    try:
+        assert (victim.read_text(), stat.S_IMODE(victim.stat().st_mode)) == ("precious\n", 0o644)
+        assert not planted.is_symlink()
+        assert stat.S_IMODE(planted.stat().st_mode) == 0o600
+        assert _kill(proc.address, admin_token.read_token(planted)) == grpc.StatusCode.OK
+    finally:
+        proc.stop()
+
+
+def test_a_stale_token_file_is_replaced_and_a_loose_directory_made_private(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    port = unused_port()
+    stale = _token_path(state, port)
+    stale.parent.mkdir(parents=True)
+    stale.parent.chmod(0o777)
+    stale.write_text("left-by-a-killed-server\n")
+    proc = start_server_process(state, "--port", str(port))
+    try:
+        assert stat.S_IMODE(stale.parent.stat().st_mode) == 0o700
+        token = admin_token.read_token(stale)
+        assert token != "left-by-a-killed-server"
+        assert _kill(proc.address, token) == grpc.StatusCode.OK
+    finally:
+        proc.stop()
+    assert not stale.exists()
+
+
+def test_a_token_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (state / "chat-service").symlink_to(tmp_path / "elsewhere")
+    result = subprocess.run(
+        [executable("chat-server"), "--port", "0", "--no-console"],
+        env={**os.environ, "XDG_STATE_HOME": str(state)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "it is a link or not a directory" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_refusals_do_not_tell_anonymous_callers_where_the_token_lives(server_process: ServerProcess) -> None:
+    unauthenticated, denied = _refusals(server_process.address)
+    assert unauthenticated == "this needs the admin token as 'authorization: Bearer TOKEN' metadata"
+    assert denied == "the admin token is wrong"
