@@ -14,6 +14,7 @@ from prompt_toolkit import PromptSession
 
 from chat_cli import render
 from chat_cli.commands import ADMIN_USAGE, AdminCommand, Help, Invalid, Kill, Ls, Quit, parse_admin
+from chat_cli.options import port
 from chat_cli.session import CONNECT_TIMEOUT, RPC_TIMEOUT, SessionError, UnreachableError, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 from chat_service._pb.chat.v1 import chat_pb2, chat_pb2_grpc
@@ -145,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         description="List and kill the rooms of a chat server. Without a command, read commands from a console.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="the server's port (default: 50051)")
+    parser.add_argument("--port", type=port, default=50051, help="the server's port (default: 50051)")
     parser.add_argument(
         "--token-file",
         type=Path,

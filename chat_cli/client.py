@@ -29,6 +29,7 @@ from chat_cli.commands import (
     Who,
     parse,
 )
+from chat_cli.options import port
 from chat_cli.session import DEFAULT_HISTORY, Incoming, Session, SessionError, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `chat`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="chat", description="Chat in the rooms of a chat server.")
     parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="the server's port (default: 50051)")
+    parser.add_argument("--port", type=port, default=50051, help="the server's port (default: 50051)")
     parser.add_argument(
         "--history",
         type=_history_size,

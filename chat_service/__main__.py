@@ -7,22 +7,26 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from chat_service.admin_token import TokenFileError
 from chat_service.history import DEFAULT_HISTORY
 from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
 from chat_service.server import Config, run
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The server's command line."""
     parser = argparse.ArgumentParser(prog="chat-server", description="Run the multi-room chat server.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--port", type=_port, default=50051, help="port to listen on; 0 picks a free one")
     parser.add_argument(
         "--admin-token-file",
         type=Path,
@@ -31,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-queue",
-        type=int,
+        type=_at_least(1),
+        metavar="N",
         default=DEFAULT_QUEUE_LIMIT,
         help=f"events waiting for one member before it is dropped as too slow (default: {DEFAULT_QUEUE_LIMIT})",
     )
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--resume-grace",
-        type=float,
+        type=_seconds,
         default=DEFAULT_RESUME_GRACE_SECONDS,
         metavar="SECONDS",
         help="how long a member whose connection dropped keeps its name for a resume "
@@ -57,7 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help=f"rooms the server holds at most; creating one more is refused (default: {DEFAULT_MAX_ROOMS})",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG shows joins and leaves (default: INFO)")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"one of {', '.join(LOG_LEVELS)}, any case; DEBUG shows joins and leaves (default: INFO)",
+    )
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
     return parser.parse_args(argv)
 
@@ -67,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = sys.stdin.isatty() and not args.no_console
     with _stdout_guard(console):
-        logging.basicConfig(stream=sys.stdout, level=args.log_level.upper(), format="%(message)s")
+        logging.basicConfig(stream=sys.stdout, level=args.log_level, format="%(message)s")
         config = Config(
             host=args.host,
             port=args.port,
@@ -80,19 +92,39 @@ def main(argv: list[str] | None = None) -> None:
         _tune_gc()
         try:
             _run_loop(run(config, console=console))
+        except TokenFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
         except (OSError, RuntimeError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def whole_number(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            within = f"from {minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
+            raise argparse.ArgumentTypeError(f"must be {within}, not {value}")
         return value
 
     return whole_number
+
+
+_port = _at_least(0, 65535)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 seconds or more, not {text}")
+    return value
 
 
 def _tune_gc() -> None:
