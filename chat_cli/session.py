@@ -48,7 +48,8 @@ _ENDED_BY_SENDING = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
 
 def target(host: str, port: int) -> str:
-    """The `host:port` address gRPC dials, with an IPv6 host in brackets."""
+    """The `host:port` address gRPC dials, with an IPv6 host in brackets whether or not it was given with them."""
+    host = host.removeprefix("[").removesuffix("]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

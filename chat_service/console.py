@@ -17,7 +17,12 @@ async def run_console(registry: Registry[bytes]) -> None:
     while True:
         try:
             line = (await session.prompt_async("admin> ")).strip()
-        except (EOFError, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            # As in the chat client: Ctrl-C discards a half-typed line, and only on an empty one stops the server.
+            if session.default_buffer.text:
+                continue
+            return
+        except EOFError:
             return
         if not line:
             continue

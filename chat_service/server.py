@@ -87,7 +87,7 @@ class ChatServer:
             max_rooms=config.max_rooms,
         )
         self._token = _choose_token(config, token)
-        self.health = health.aio.HealthServicer()
+        self.health = _Health()
         self._guard = admin_token.AdminTokenInterceptor(self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}))
         self._server = grpc.aio.server(interceptors=[self._guard], options=server_options(config.keepalive_seconds))
         self._server.add_generic_rpc_handlers([handler(ChatServicer(self.registry))])
@@ -111,12 +111,11 @@ class ChatServer:
     @property
     def address(self) -> str:
         """host:port as clients dial it."""
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"{host}:{self.port}"
+        return _host_port(self.config.host, self.port)
 
     async def start(self) -> None:
         """Bind, write the token file if one was generated, and start serving."""
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = self._server.add_insecure_port(_host_port(self.config.host, self.config.port))
         if self._token.generated:
             self._token.path = admin_token.default_token_path(self.port)
             admin_token.write_token(self._token.path, self._token.value)
@@ -133,6 +132,22 @@ class ChatServer:
             self._token.path.unlink(missing_ok=True)
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """The library's health service, with the List method that its proto advertises and it leaves out."""
+
+    async def List(  # noqa: N802
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> health_pb2.HealthListResponse:
+        statuses = {name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()}
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
+def _host_port(host: str, port: int) -> str:
+    """`host:port` for gRPC, with an IPv6 host in brackets whether or not it was given with them."""
+    host = host.removeprefix("[").removesuffix("]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _choose_token(config: Config, token: str | None) -> _Token:
     if token is not None:
         return _Token(token, None, generated=False)
@@ -146,6 +161,12 @@ def _choose_token(config: Config, token: str | None) -> _Token:
 
 async def run(config: Config, *, console: bool) -> None:
     """Serve until SIGINT or SIGTERM (or the console's /quit), then shut down gracefully."""
+    # Handlers first: a supervisor may send SIGTERM the moment it reads the listening line, and that must still
+    # shut down cleanly and remove the token file.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     server = ChatServer(config)
     await server.start()
     print(f"chat server listening on {server.address}", flush=True)
@@ -153,10 +174,6 @@ async def run(config: Config, *, console: bool) -> None:
         print(f"admin token: {server.token_path}", flush=True)
     else:
         print(f"admin token: from ${admin_token.ENV_VAR}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     tasks: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
     if console:
         tasks.append(asyncio.create_task(run_console(server.registry)))

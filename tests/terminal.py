@@ -23,6 +23,8 @@ class Terminal:
         self.popen = subprocess.Popen(args, stdin=child_end, stdout=child_end, stderr=child_end, env=env)
         os.close(child_end)
         self.screen = ""
+        # Everything drawn so far, kept after `expect` has moved past it.
+        self.seen = ""
 
     def __enter__(self) -> Terminal:
         return self
@@ -63,5 +65,7 @@ class Terminal:
             chunk = os.read(self.fd, 4096)
         except OSError:  # Linux reports a pseudo-terminal closed by its program as EIO
             return False
-        self.screen += _ANSI.sub("", chunk.decode(errors="replace"))
+        text = _ANSI.sub("", chunk.decode(errors="replace"))
+        self.screen += text
+        self.seen += text
         return bool(chunk)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -19,7 +20,7 @@ from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.rooms import DEFAULT_WRITE_SLOTS
 from chat_service.server import ChatServer, Config
-from tests.conftest import ServerProcess, running
+from tests.conftest import ServerProcess, executable, running, start_server_process
 from tests.proxy import Proxy
 from tests.streams import Stream
 
@@ -125,6 +126,11 @@ async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:
     assert isinstance(response, reflection_pb2.ServerReflectionResponse)
     names = {service.name for service in response.list_services_response.service}
     assert {"chat.v1.ChatService", "grpc.health.v1.Health"} <= names
+    listed = await health.List(health_pb2.HealthListRequest())
+    assert {name: status.status for name, status in listed.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING,
+        "chat.v1.ChatService": health_pb2.HealthCheckResponse.SERVING,
+    }
 
 
 async def test_sigterm_tells_members_and_exits_within_grace(server_process: ServerProcess) -> None:
@@ -140,6 +146,37 @@ async def test_sigterm_tells_members_and_exits_within_grace(server_process: Serv
     assert exit_code == 0
     server_process.wait_for_line("server stopped")
     assert not server_process.token_path.exists()
+
+
+def test_sigterm_at_once_after_the_listening_line_still_shuts_down_cleanly(tmp_path: Path) -> None:
+    # Before the handlers came first, half of such starts died of the signal and left the token file behind.
+    for attempt in range(4):
+        proc = start_server_process(tmp_path / f"state-{attempt}")
+        proc.process.send_signal(signal.SIGTERM)
+        assert proc.process.wait(timeout=10) == 0
+        proc.wait_for_line("server stopped")
+        assert not proc.token_path.exists()
+        proc.stop()
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_is_taken_with_or_without_brackets(tmp_path: Path, host: str) -> None:
+    proc = start_server_process(tmp_path / "state", "--host", host)
+    try:
+        with grpc.insecure_channel(f"[::1]:{proc.port}") as channel:
+            rooms = chat_pb2_grpc.ChatServiceStub(channel).ListRooms(pb.ListRoomsRequest(), timeout=10)
+        assert list(rooms.rooms) == []
+        listed = subprocess.run(
+            [executable("chat-admin"), "--host", host, "--port", str(proc.port), "ls"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=proc.env,
+            check=False,
+        )
+        assert (listed.returncode, listed.stdout) == (0, "no rooms yet; /create ROOM makes one\n")
+    finally:
+        proc.stop()
 
 
 def test_second_server_on_a_taken_port_fails_clearly(server_process: ServerProcess) -> None:

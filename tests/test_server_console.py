@@ -32,6 +32,12 @@ def test_console_lists_and_kills_rooms(tmp_path: Path) -> None:
         term.expect("error: room 'nowhere' does not exist")
         term.type("/kill lobby\r")
         term.expect("room lobby closed")
+        # Ctrl-C only discards a half-typed line, as in the chat client; the server goes on.
+        term.type("/half-typed")
+        term.expect("/half-typed")
+        term.type("\x03/ls\r")
+        term.expect("no rooms")
+        assert "shutting down" not in term.seen
         term.type("/bogus\r")
         term.expect("unknown command")
         term.type("/quit\r")
