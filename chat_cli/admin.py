@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -12,10 +13,9 @@ from pathlib import Path
 import grpc
 from prompt_toolkit import PromptSession
 
-from chat_cli import render
+from chat_cli import options, render
 from chat_cli.commands import ADMIN_USAGE, AdminCommand, Help, Invalid, Kill, Ls, Quit, parse_admin
-from chat_cli.options import port
-from chat_cli.session import CONNECT_TIMEOUT, RPC_TIMEOUT, SessionError, UnreachableError, target
+from chat_cli.session import CONNECT_TIMEOUT, RPC_TIMEOUT, SessionError, UnreachableError, diagnose, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 from chat_service._pb.chat.v1 import chat_pb2, chat_pb2_grpc
 
@@ -63,6 +63,8 @@ class Admin:
     address: str
     token_file: Path | None
     port: int
+    # False for plaintext to a host that is not loopback: the token would cross a network in clear.
+    token_may_travel: bool = True
 
     def ls(self) -> list[str]:
         """The open rooms."""
@@ -74,6 +76,11 @@ class Admin:
 
     def kill(self, room: str) -> list[str]:
         """Close `room`, sending its members back to waiting."""
+        if not self.token_may_travel:
+            raise SessionError(
+                f"refusing to send the admin token in plaintext to {self.address}; use --tls, or --insecure if "
+                "the network between here and the server is trusted"
+            )
         # Read at each kill, not at start-up: listing needs no token, and a restarted server writes a new one.
         token = resolve_token(self.token_file, self.port)
         try:
@@ -120,9 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     address = target(args.host, args.port)
     try:
-        with grpc.insecure_channel(address) as channel:
-            _wait_until_ready(channel, address)
-            admin = Admin(chat_pb2_grpc.ChatServiceStub(channel), address, args.token_file, args.port)
+        tls = options.credentials(args)
+        with _channel(address, tls) as channel:
+            _wait_until_ready(channel, address, tls is not None)
+            admin = Admin(
+                chat_pb2_grpc.ChatServiceStub(channel),
+                address,
+                args.token_file,
+                args.port,
+                token_may_travel(args.host, tls=tls is not None, insecure=args.insecure),
+            )
             if args.command == "ls":
                 lines = admin.ls()
             elif args.command == "kill":
@@ -145,8 +159,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="chat-admin",
         description="List and kill the rooms of a chat server. Without a command, read commands from a console.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
-    parser.add_argument("--port", type=port, default=50051, help="the server's port (default: 50051)")
+    options.add_connection_options(parser)
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the admin token over plaintext to a host that is not loopback (refused without this)",
+    )
     parser.add_argument(
         "--token-file",
         type=Path,
@@ -161,13 +179,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _wait_until_ready(channel: grpc.Channel, address: str) -> None:
+def token_may_travel(host: str, *, tls: bool, insecure: bool) -> bool:
+    """Whether the admin token may be sent to `host`: over TLS, to a loopback address, or when told --insecure."""
+    if tls or insecure:
+        return True
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        # A name other than localhost may resolve anywhere; only the address itself proves the token stays here.
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _channel(address: str, tls: grpc.ChannelCredentials | None) -> grpc.Channel:
+    return grpc.secure_channel(address, tls) if tls is not None else grpc.insecure_channel(address)
+
+
+def _wait_until_ready(channel: grpc.Channel, address: str, tls: bool) -> None:
     ready = grpc.channel_ready_future(channel)
     try:
         ready.result(timeout=CONNECT_TIMEOUT)
     except grpc.FutureTimeoutError:
         ready.cancel()
-        raise UnreachableError(address) from None
+        raise diagnose(address, tls) from None
 
 
 def _console(admin: Admin) -> None:

@@ -10,10 +10,11 @@ import threading
 from collections.abc import AsyncGenerator, Sequence
 from typing import assert_never
 
+import grpc
 from prompt_toolkit import PromptSession
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from chat_cli import render
+from chat_cli import options, render
 from chat_cli.commands import (
     USAGE,
     Command,
@@ -29,7 +30,6 @@ from chat_cli.commands import (
     Who,
     parse,
 )
-from chat_cli.options import port
 from chat_cli.session import DEFAULT_HISTORY, Incoming, Session, SessionError, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 
@@ -37,8 +37,7 @@ from chat_cli.terminal import ctrl_c_keeps_prompting
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `chat`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="chat", description="Chat in the rooms of a chat server.")
-    parser.add_argument("--host", default="127.0.0.1", help="the server's address (default: 127.0.0.1)")
-    parser.add_argument("--port", type=port, default=50051, help="the server's port (default: 50051)")
+    options.add_connection_options(parser)
     parser.add_argument(
         "--history",
         type=_history_size,
@@ -50,7 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A terminal on both ends gets the prompt; otherwise lines are read and printed plainly, for scripts.
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     try:
-        return asyncio.run(run(target(args.host, args.port), interactive=interactive, history=args.history))
+        tls = options.credentials(args)
+    except SessionError as exc:
+        print(render.error(str(exc)), file=sys.stderr)
+        return 1
+    address = target(args.host, args.port)
+    try:
+        return asyncio.run(run(address, interactive=interactive, history=args.history, credentials=tls))
     except KeyboardInterrupt:
         return 130
 
@@ -65,9 +70,15 @@ def _history_size(text: str) -> int:
     return value
 
 
-async def run(address: str, *, interactive: bool, history: int = DEFAULT_HISTORY) -> int:
+async def run(
+    address: str,
+    *,
+    interactive: bool,
+    history: int = DEFAULT_HISTORY,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> int:
     """Connect to `address` and serve one user until /quit or end of input; returns the exit status."""
-    async with Session(address, _print_event, history=history) as session:
+    async with Session(address, _print_event, history=history, credentials=credentials) as session:
         try:
             await session.connect()
         except SessionError as exc:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ import grpc
 from chat_service._pb.chat.v1 import chat_pb2, chat_pb2_grpc
 
 CONNECT_TIMEOUT = 3.0
+# How long a bare TCP connection may take when telling why gRPC could not connect.
+PROBE_TIMEOUT = 1.0
 RPC_TIMEOUT = 10.0
 # How long a stream may take to end after a leave or a half-close before the client cancels it.
 CLOSE_TIMEOUT = 5.0
@@ -58,10 +61,34 @@ class SessionError(Exception):
 
 
 class UnreachableError(SessionError):
-    """No chat server answers at the address."""
+    """No chat server answers at the address; `reason` says what was found there instead, if anything."""
 
-    def __init__(self, address: str) -> None:
-        super().__init__(f"cannot reach the chat server at {address} (is it running? start it with 'make run')")
+    def __init__(self, address: str, reason: str | None = None) -> None:
+        super().__init__(
+            reason or f"cannot reach the chat server at {address} (is it running? start it with 'make run')"
+        )
+
+
+def diagnose(address: str, tls: bool) -> UnreachableError:
+    """Why no gRPC connection came up: nothing listens, or what listens speaks another transport (TLS or not)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=PROBE_TIMEOUT):
+            pass
+    except OSError:
+        return UnreachableError(address)
+    if tls:
+        return UnreachableError(
+            address,
+            f"the TLS handshake with {address} failed: the server may not use TLS (leave out --tls), its "
+            "certificate may not be signed by a CA you trust (--ca), or it may want a client certificate "
+            "(--cert and --key)",
+        )
+    return UnreachableError(
+        address,
+        f"{address} accepted the connection but does not speak plaintext gRPC; if the server uses TLS, add --tls "
+        "(and --ca for a private CA)",
+    )
 
 
 @dataclass(frozen=True)
@@ -150,11 +177,19 @@ class Session:
     session resumes the stay by itself; no message is shown twice, and every line said is sent exactly once.
     """
 
-    def __init__(self, address: str, on_event: EventHandler, history: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self,
+        address: str,
+        on_event: EventHandler,
+        history: int = DEFAULT_HISTORY,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.address = address
         self.history = history
         self._on_event = on_event
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._credentials = credentials
+        self._channel = self._new_channel()
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._current: _Stay | None = None
         self._streams: set[_Stream] = set()
@@ -184,11 +219,19 @@ class Session:
         return self._current is not None and self._current.stream is None
 
     async def connect(self) -> None:
-        """Return once the server answers; raise UnreachableError if it does not within CONNECT_TIMEOUT."""
+        """Return once the server answers; raise UnreachableError, saying why, as soon as connecting fails."""
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), CONNECT_TIMEOUT)
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                if await _ready(self._channel):
+                    return
         except TimeoutError:
-            raise UnreachableError(self.address) from None
+            pass
+        raise await asyncio.to_thread(diagnose, self.address, self._credentials is not None)
+
+    def _new_channel(self) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.address, self._credentials, options=CHANNEL_OPTIONS)
 
     async def list_rooms(self) -> list[chat_pb2.Room]:
         """Every open room, sorted by name."""
@@ -303,7 +346,7 @@ class Session:
         # A channel that lost its connection may sit in gRPC's own reconnect backoff (up to minutes), even while it
         # reports IDLE, and a call on it fails at once though the server is back; a fresh channel tries now.
         if self._channel.get_state() != grpc.ChannelConnectivity.READY:
-            self._use(grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS))
+            self._use(self._new_channel())
         return self._stub
 
     def _use(self, channel: grpc.aio.Channel) -> None:
@@ -496,7 +539,7 @@ class Session:
     async def _resume(self, stay: _Stay) -> bool:
         """One attempt: True once the stay runs on a new channel; False to try again; _RefusedError if it cannot."""
         # A fresh channel each time: a failed one waits out gRPC's own reconnect backoff, which reaches minutes.
-        channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        channel = self._new_channel()
         stream: _Stream | None = None
         adopted = False
         try:

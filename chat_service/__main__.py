@@ -17,7 +17,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from chat_service.admin_token import TokenFileError
 from chat_service.history import DEFAULT_HISTORY
 from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
-from chat_service.server import Config, run
+from chat_service.server import Config, Tls, run
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -71,7 +71,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"one of {', '.join(LOG_LEVELS)}, any case; DEBUG shows joins and leaves (default: INFO)",
     )
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
-    return parser.parse_args(argv)
+    tls = parser.add_argument_group("TLS (off unless --tls-cert and --tls-key are given)")
+    tls.add_argument("--tls-cert", type=Path, metavar="PATH", help="PEM certificate chain to serve TLS with")
+    tls.add_argument("--tls-key", type=Path, metavar="PATH", help="PEM private key of --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PATH",
+        help="PEM CA certificate; clients must then present a certificate it signed (mutual TLS)",
+    )
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together: give both, or neither")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             history=args.history,
             resume_grace_seconds=args.resume_grace,
             max_rooms=args.max_rooms,
+            tls=_tls(args),
         )
         _tune_gc()
         try:
@@ -98,6 +113,23 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, RuntimeError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def _tls(args: argparse.Namespace) -> Tls | None:
+    """The TLS material the options name, read now so that a bad path stops the start with a clear message."""
+    if args.tls_cert is None:
+        return None
+    chain, key = _pem(args.tls_cert, "--tls-cert"), _pem(args.tls_key, "--tls-key")
+    client_ca = _pem(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca is not None else None
+    return Tls(chain, key, client_ca)
+
+
+def _pem(path: Path, option: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        print(f"error: cannot read {option} {path} ({error.strerror})", file=sys.stderr)
+        sys.exit(1)
 
 
 def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

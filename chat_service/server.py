@@ -53,6 +53,22 @@ def server_options(keepalive_seconds: float) -> list[tuple[str, int]]:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """PEM bytes to serve TLS with; with `client_ca`, clients must present a certificate that CA signed."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """How to run the server."""
 
@@ -65,6 +81,7 @@ class Config:
     max_rooms: int = DEFAULT_MAX_ROOMS
     grace_seconds: float = 5.0
     keepalive_seconds: float = 10.0
+    tls: Tls | None = None
 
 
 @dataclass
@@ -115,7 +132,13 @@ class ChatServer:
 
     async def start(self) -> None:
         """Bind, write the token file if one was generated, and start serving."""
-        self.port = self._server.add_insecure_port(_host_port(self.config.host, self.config.port))
+        address = _host_port(self.config.host, self.config.port)
+        tls = self.config.tls
+        self.port = (
+            self._server.add_secure_port(address, tls.credentials())
+            if tls is not None
+            else self._server.add_insecure_port(address)
+        )
         if self._token.generated:
             self._token.path = admin_token.default_token_path(self.port)
             admin_token.write_token(self._token.path, self._token.value)
@@ -170,6 +193,9 @@ async def run(config: Config, *, console: bool) -> None:
     server = ChatServer(config)
     await server.start()
     print(f"chat server listening on {server.address}", flush=True)
+    if config.tls is not None:
+        required = ", client certificates required" if config.tls.client_ca is not None else ""
+        print(f"TLS: on{required}", flush=True)
     if server.token_path is not None:
         print(f"admin token: {server.token_path}", flush=True)
     else:

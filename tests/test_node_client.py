@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
-from chat_service.server import ChatServer
+from chat_service.server import ChatServer, Config, Tls
+from tests.conftest import running
 
 NODE_DIR = Path(__file__).parent / "node"
 CLIENT = NODE_DIR / "chat_client.mjs"
@@ -34,7 +36,7 @@ def _node() -> str:
     return node
 
 
-async def _run_client(address: str) -> dict[str, Any]:
+async def _run_client(address: str, *extra: str) -> dict[str, Any]:
     """Runs the Node scenario against `address` and returns the JSON document it printed."""
     proc = await asyncio.create_subprocess_exec(
         _node(),
@@ -44,6 +46,7 @@ async def _run_client(address: str) -> dict[str, Any]:
         str(PROTO),
         "--timeout-ms",
         str(CLIENT_TIMEOUT_MS),
+        *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -105,4 +108,19 @@ async def test_node_client_chats_through_the_python_server(server: ChatServer) -
     for stream in streams.values():
         assert _of_kind(stream["events"], "error") == []
         assert _of_kind(stream["events"], "room_closed") == []
+        assert stream["status"]["code_name"] == "OK"
+
+
+async def test_node_client_chats_over_tls(tmp_path: Path) -> None:
+    """The same scenario over TLS, trusting a throwaway CA: the contract holds whatever the transport."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    tls = Tls(chain, leaf.private_key_pem.bytes())
+    async with running(Config(port=0, grace_seconds=1.0, tls=tls)) as server:
+        result = await _run_client(server.address, "--ca", str(ca_file))
+    for stream in result["streams"].values():
+        assert [m["text"] for m in _of_kind(stream["events"], "message")] == ["hello from alice", "hello from bob"]
         assert stream["status"]["code_name"] == "OK"

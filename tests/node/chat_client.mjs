@@ -1,11 +1,14 @@
 // A Node.js client of chat.v1.ChatService, built from proto/chat/v1/chat.proto at run time, so the contract is
 // checked from a second language with no generated code in between.
 //
-//   node chat_client.mjs HOST:PORT [--proto PATH] [--timeout-ms N]   run the scenario, print one JSON document
+//   node chat_client.mjs HOST:PORT [--proto PATH] [--timeout-ms N] [--ca PATH]
+//                                                                    run the scenario (over TLS trusting the CA in
+//                                                                    PATH when --ca is given), print one JSON document
 //   node chat_client.mjs --check [--proto PATH]                       load the proto and build the stub, then exit
 //
 // Exit 0 with the JSON document on stdout; exit 1 with the reason (and what was received so far) on stderr.
 
+import fs from 'node:fs';
 import path from 'node:path';
 import process from 'node:process';
 import { fileURLToPath } from 'node:url';
@@ -17,14 +20,15 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const DEFAULT_PROTO = path.resolve(HERE, '..', '..', 'proto', 'chat', 'v1', 'chat.proto');
 const ROOM = 'node-room';
 
-/** Parses argv into {address, protoPath, check, timeoutMs}; exits 2 on a usage error. */
+/** Parses argv into {address, protoPath, check, timeoutMs, caPath}; exits 2 on a usage error. */
 function parseArgs(argv) {
-  const args = { address: null, protoPath: DEFAULT_PROTO, check: false, timeoutMs: 20_000 };
+  const args = { address: null, protoPath: DEFAULT_PROTO, check: false, timeoutMs: 20_000, caPath: null };
   for (let i = 0; i < argv.length; i += 1) {
     const arg = argv[i];
     if (arg === '--check') args.check = true;
     else if (arg === '--proto') args.protoPath = path.resolve(argv[(i += 1)] ?? '');
     else if (arg === '--timeout-ms') args.timeoutMs = Number(argv[(i += 1)]);
+    else if (arg === '--ca') args.caPath = path.resolve(argv[(i += 1)] ?? '');
     else if (!arg.startsWith('--') && args.address === null) args.address = arg;
     else usage(`unexpected argument ${JSON.stringify(arg)}`);
   }
@@ -35,7 +39,7 @@ function parseArgs(argv) {
 
 function usage(problem) {
   process.stderr.write(`chat_client: ${problem}\nusage: node chat_client.mjs HOST:PORT [--proto PATH] ` +
-    '[--timeout-ms N] | --check [--proto PATH]\n');
+    '[--timeout-ms N] [--ca PATH] | --check [--proto PATH]\n');
   process.exit(2);
 }
 
@@ -233,7 +237,10 @@ async function main() {
     () => fail(`the scenario did not finish within ${args.timeoutMs} ms`, streams),
     args.timeoutMs,
   );
-  const client = new ChatService(args.address, grpc.credentials.createInsecure());
+  const credentials = args.caPath === null
+    ? grpc.credentials.createInsecure()
+    : grpc.credentials.createSsl(fs.readFileSync(args.caPath));
+  const client = new ChatService(args.address, credentials);
   const deadline = new Date(Date.now() + args.timeoutMs);
   let result;
   try {
