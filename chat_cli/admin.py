@@ -159,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="chat-admin",
         description="List and kill the rooms of a chat server. Without a command, read commands from a console.",
     )
+    options.add_version_option(parser)
     options.add_connection_options(parser)
     parser.add_argument(
         "--insecure",

@@ -37,6 +37,7 @@ from chat_cli.terminal import ctrl_c_keeps_prompting
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `chat`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="chat", description="Chat in the rooms of a chat server.")
+    options.add_version_option(parser)
     options.add_connection_options(parser)
     parser.add_argument(
         "--history",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,11 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is from 1 to 65535, not {value}")
     return value
+
+
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    """--version, printing the installed package's version."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('chat-service')}")
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:

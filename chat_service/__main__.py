@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Coroutine
+from importlib import metadata
 from pathlib import Path
 
 from prompt_toolkit.patch_stdout import patch_stdout
@@ -25,6 +26,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The server's command line."""
     parser = argparse.ArgumentParser(prog="chat-server", description="Run the multi-room chat server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('chat-service')}")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=50051, help="port to listen on; 0 picks a free one")
     parser.add_argument(

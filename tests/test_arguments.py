@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from importlib import metadata
 
 import pytest
 
@@ -54,3 +55,15 @@ def test_the_clients_refuse_a_port_out_of_range(program: str, port: str) -> None
     assert result.returncode == 2
     assert "argument --port:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("program", ["chat-server", "chat", "chat-admin"])
+def test_every_executable_tells_its_version(program: str) -> None:
+    result = _run(program, "--version")
+    assert (result.returncode, result.stdout) == (0, f"{program} {metadata.version('chat-service')}\n")
+
+
+def test_tls_files_go_in_pairs() -> None:
+    result = _run("chat-server", "--no-console", "--tls-cert", "cert.pem")
+    assert result.returncode == 2
+    assert "--tls-cert and --tls-key go together" in result.stderr
