@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import logging
 import math
 import sys
 from collections.abc import Callable, Coroutine
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from chat_service import logs
 from chat_service.admin_token import TokenFileError
 from chat_service.history import DEFAULT_HISTORY
 from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="LEVEL",
         help=f"one of {', '.join(LOG_LEVELS)}, any case; DEBUG shows joins and leaves (default: INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="text for people, json for one JSON object per line (default: text)",
+    )
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
     tls = parser.add_argument_group("TLS (off unless --tls-cert and --tls-key are given)")
     tls.add_argument("--tls-cert", type=Path, metavar="PATH", help="PEM certificate chain to serve TLS with")
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = sys.stdin.isatty() and not args.no_console
     with _stdout_guard(console):
-        logging.basicConfig(stream=sys.stdout, level=args.log_level, format="%(message)s")
+        logs.configure(args.log_level, args.log_format)
         config = Config(
             host=args.host,
             port=args.port,

@@ -518,7 +518,7 @@ class MemoryRegistry(Generic[T]):
                 "admin to /kill rooms nobody uses",
             )
         created = self._rooms[room] = _Room[T](room, self.history_limit)
-        log.info("New room %s created", room)
+        log.info("New room %s created", room, extra={"room": room})
         return created
 
     def _close(self, room: _Room[T], reason: CloseReason) -> int:
