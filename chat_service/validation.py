@@ -22,7 +22,9 @@ MAX_TEXT_BYTES = 4096
 MAX_CLIENT_ID_BYTES = 64
 
 # C0 controls and DEL, looked for in the UTF-8 form that the size check makes anyway: deleting them from the bytes
-# costs a fifth of a regular-expression search (4 KiB of ASCII: 4.6 µs against 28 µs; 100 bytes: 0.25 µs).
+# costs a fifth of a regular-expression search over the text, and only text beyond ASCII pays for the search. With
+# both, check_text takes 0.6 µs for 100 bytes of ASCII (0.25 µs without them), 6 µs for 4 KiB of ASCII and 18 µs
+# for 4 KiB of accented letters, once per line said however many members it reaches.
 _C0_BYTES = bytes(range(0x20)) + b"\x7f"
 # Beyond ASCII: C1 controls, the line and paragraph separators, and the bidi embeddings, overrides and isolates,
 # which reorder the text after them on screen (marks such as U+200F stay: right-to-left text needs them).
