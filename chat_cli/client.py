@@ -178,7 +178,7 @@ async def _interactive(session: Session) -> None:
         if session.room is None:
             return "> "
         state = ", reconnecting" if session.reconnecting else ""
-        return f"[{session.room} as {session.name}{state}]> "
+        return render.safe(f"[{session.room} as {session.name}{state}]> ")
 
     emit("type /help for the commands")
     with patch_stdout():
@@ -191,6 +191,8 @@ async def _interactive(session: Session) -> None:
                 return
             except EOFError:
                 return
-            command = parse(line)
-            if command is not None and not await execute(session, command):
-                return
+            # A bracketed paste puts a whole block into the one-line prompt: each of its lines goes out on its own.
+            for part in line.splitlines():
+                command = parse(part)
+                if command is not None and not await execute(session, command):
+                    return

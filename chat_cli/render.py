@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 
 from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 from chat_service._pb.chat.v1 import chat_pb2
+
+# Control characters could end the line or drive the terminal (a forged "* room lobby was closed" line, a new window
+# title), and bidi embeddings, overrides and isolates reorder what follows them. The server refuses them in what it
+# accepts; escaping whatever arrives is the second wall, should a server or a stored name ever let one through.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
 
 _LEFT_SUFFIX = {
     chat_pb2.LEAVE_REASON_DISCONNECTED: " (connection lost)",
@@ -14,8 +20,21 @@ _LEFT_SUFFIX = {
 }
 
 
+def safe(text: str) -> str:
+    """`text` with its control and bidi control characters written as escapes (`\\n`, `\\x1b`, `\\u202e`)."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(unsafe: re.Match[str]) -> str:
+    return unsafe.group().encode("unicode_escape").decode("ascii")
+
+
 def event(incoming: Incoming, me: str) -> str:
-    """The line for one incoming event, as seen by the member named `me`."""
+    """The line for one incoming event, as seen by the member named `me`; nothing in it can act on the terminal."""
+    return safe(_event(incoming, me))
+
+
+def _event(incoming: Incoming, me: str) -> str:
     if isinstance(incoming, ConnectionLost):
         return error(incoming.message)
     if isinstance(incoming, Reconnecting):
@@ -77,8 +96,8 @@ def reconnecting(event: Reconnecting) -> str:
 def pending(text: str, recipient: str | None = None) -> str:
     """A line (or a whisper to `recipient`) held back until the session has reconnected."""
     if recipient is not None:
-        return f"(pending whisper to {recipient}) {text}"
-    return f"(pending) {text}"
+        return safe(f"(pending whisper to {recipient}) {text}")
+    return safe(f"(pending) {text}")
 
 
 def room_closed(event: chat_pb2.RoomClosed) -> str:
@@ -91,7 +110,8 @@ def room_closed(event: chat_pb2.RoomClosed) -> str:
 def rooms(listed: Iterable[chat_pb2.Room]) -> list[str]:
     """The /ls listing: a header and one line per room, or a hint when there are none."""
     lines = [
-        f"  {room.name} ({_count(room.member_count, 'member')}, {_count(room.last_seq, 'message')})" for room in listed
+        safe(f"  {room.name} ({_count(room.member_count, 'member')}, {_count(room.last_seq, 'message')})")
+        for room in listed
     ]
     if not lines:
         return ["no rooms yet; /create ROOM makes one"]
@@ -100,22 +120,22 @@ def rooms(listed: Iterable[chat_pb2.Room]) -> list[str]:
 
 def members(room: str, names: Iterable[str]) -> str:
     """The /who listing."""
-    return f"members of {room}: {', '.join(names)}"
+    return safe(f"members of {room}: {', '.join(names)}")
 
 
 def left(room: str) -> str:
     """The confirmation of /leave."""
-    return f"* you left {room}"
+    return safe(f"* you left {room}")
 
 
 def killed(room: str, ejected: int) -> str:
     """The confirmation of an admin kill."""
-    return f"room {room} killed; {_count(ejected, 'member')} sent back to waiting"
+    return safe(f"room {room} killed; {_count(ejected, 'member')} sent back to waiting")
 
 
 def error(message: str) -> str:
     """An expected failure, as one line scripts can recognise."""
-    return f"error: {message}"
+    return f"error: {safe(message)}"
 
 
 def _count(n: int, noun: str) -> str:

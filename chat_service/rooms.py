@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import secrets
@@ -28,7 +29,7 @@ from chat_service.events import (
 )
 from chat_service.history import DEFAULT_HISTORY, History
 from chat_service.registry import DEFAULT_NAME
-from chat_service.validation import check_client_id, check_name, check_text
+from chat_service.validation import check_client_id, check_name, check_text, name_key
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,14 @@ class Lease:
 
 
 class _Room(Generic[T]):
-    __slots__ = ("history", "members", "name", "seats", "uid")
+    __slots__ = ("history", "members", "name", "seats", "secret", "uid")
 
     def __init__(self, name: str, history_limit: int) -> None:
         self.name = name
         # Tokens carry the uid, so that a resume cannot land in a newer room that took the same name.
         self.uid = secrets.token_hex(6)
+        self.secret = secrets.token_bytes(16)
+        # Both keyed by name_key(name): names that could be taken for each other on screen are one name.
         self.members: dict[str, Member[T]] = {}
         self.seats: dict[str, _Seat[T]] = {}
         self.history = History[T](history_limit)
@@ -139,11 +142,12 @@ class _Room(Generic[T]):
 class _Seat(Generic[T]):
     """A name held in a room across reconnects: by a live member, or reserved for a while after its stream broke."""
 
-    __slots__ = ("expiry", "member", "name", "sent", "token")
+    __slots__ = ("expiry", "key", "member", "name", "sent", "token")
 
     def __init__(self, room: _Room[T], name: str) -> None:
         self.name = name
-        self.token = f"{room.uid}.{secrets.token_urlsafe(16)}"
+        self.key = name_key(name)
+        self.token = _issue_token(room, self.key, secrets.token_urlsafe(12))
         self.member: Member[T] | None = None
         self.expiry: asyncio.TimerHandle | None = None
         # Made on the first client id: most members of a busy server are idle, and every byte counts there.
@@ -211,16 +215,17 @@ class Member(Generic[T]):
         check_text(text)
         if client_id and self._resent(check_client_id(client_id)):
             return
-        target = room.members.get(recipient)
+        key = name_key(recipient)
+        target = room.members.get(key)
         if target is None:
-            away = recipient in room.seats
+            away = key in room.seats
             raise ChatError(
                 ErrorKind.MEMBER_NOT_FOUND,
                 f"{recipient} lost their connection and may be back shortly; try again later"
                 if away
                 else f"nobody named {recipient!r} is in room {room.name!r}; /who lists its members",
             )
-        item = self._registry.encode(Whisper(self.name, recipient, text, time.time_ns(), client_id))
+        item = self._registry.encode(Whisper(self.name, target.name, text, time.time_ns(), client_id))
         target.push(item)
         if target is not self:
             self.push(item)
@@ -232,7 +237,7 @@ class Member(Generic[T]):
         if room is None:
             return
         self.close()
-        del room.members[self.name]
+        del room.members[self._seat.key]
         self._registry.vacate(room, self._seat, reason)
         log.debug("%s left room %s (%s)", self.name, room.name, reason.name.lower())
         self._registry.fan_out(room, MemberLeft(self.name, reason))
@@ -349,13 +354,13 @@ class MemoryRegistry(Generic[T]):
         self._closed = False
 
     async def list_rooms(self) -> list[RoomInfo]:
-        return [self._rooms[name].info() for name in sorted(self._rooms)]
+        return [room.info() for room in sorted(self._rooms.values(), key=lambda room: room.name)]
 
     async def create_room(self, room: str) -> RoomInfo:
         return self._create(room).info()
 
     async def kill_room(self, room: str) -> int:
-        found = self._rooms.pop(room, None)
+        found = self._rooms.pop(name_key(room), None)
         if found is None:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist; /ls lists rooms")
         ejected = self._close(found, CloseReason.KILLED)
@@ -365,43 +370,51 @@ class MemoryRegistry(Generic[T]):
     async def join(
         self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
     ) -> Member[T]:
-        check_name(room, "room")
+        room = check_name(room, "room")
         if name or resume is not None:
-            check_name(name, "member")
+            name = check_name(name, "member")
         if resume is not None:
             return self._resume(room, name, resume)
-        target = self._create(room) if create else self._rooms.get(room)
+        target = self._create(room) if create else self._rooms.get(name_key(room))
         if target is None:
             raise ChatError(
                 ErrorKind.ROOM_NOT_FOUND,
                 f"room {room!r} does not exist; /ls lists rooms, /create {room} makes it",
             )
-        if name in target.seats:
-            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
         seat = _Seat(target, name or _free_default(target.seats))
-        target.seats[seat.name] = seat
+        if seat.key in target.seats:
+            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, seat))
+        target.seats[seat.key] = seat
         return self._admit(target, seat, target.history.last(history), lost=0, created=create, resumed=False)
 
     def _resume(self, room: str, name: str, resume: Resume) -> Member[T]:
-        target = self._rooms.get(room)
+        target = self._rooms.get(name_key(room))
         if target is None or not resume.token.startswith(f"{target.uid}."):
             raise ChatError(
                 ErrorKind.ROOM_NOT_FOUND,
                 f"room {room!r} no longer exists (it was closed, or the server restarted); /ls lists rooms",
             )
-        seat = target.seats.get(name)
+        key = name_key(name)
+        seat = target.seats.get(key)
         if seat is None:
-            # The grace period ran out, but the name is free: come back under it, with whatever history holds.
-            seat = target.seats[name] = _Seat(target, name)
-        elif not hmac.compare_digest(seat.token, resume.token):
-            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
+            # The grace period ran out, but the name is free: come back under it, with whatever history holds, if
+            # the token was given out for it; any other name would be announced as back without ever having been.
+            if not _proves(resume.token, target, key):
+                raise ChatError(
+                    ErrorKind.BAD_REQUEST,
+                    f"this resume token was not issued for the name {name!r} in room {target.name!r}; join "
+                    "without resuming to enter under that name",
+                )
+            seat = target.seats[key] = _Seat(target, name)
+        elif not _same_token(seat.token, resume.token):
+            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, seat))
         seat.cancel_expiry()
         replay, lost = target.history.after(resume.last_seq)
         previous = seat.member
         if previous is not None:
             # The old stream is most likely dead but not yet noticed; the room need not hear of the swap.
             previous.drop(ChatError(ErrorKind.RESUMED_ELSEWHERE, "this membership was resumed on another connection"))
-            del target.members[name]
+            del target.members[key]
         log.debug("%s resumed in room %s after message %d", name, room, resume.last_seq)
         return self._admit(target, seat, replay, lost=lost, created=False, resumed=True, swap=previous is not None)
 
@@ -418,14 +431,14 @@ class MemoryRegistry(Generic[T]):
     ) -> Member[T]:
         """Seat a new member: its Joined event and `replay` first, then the room hears of it, unless it only swapped
         streams; a resumed member is announced as returned."""
-        members = tuple(sorted([*room.members, seat.name]))
+        members = tuple(sorted([*(member.name for member in room.members.values()), seat.name]))
         joined = Joined(
             room.name, seat.name, members, room.history.last_seq, created, resumed, seat.token, len(replay), lost
         )
         member = Member(self, room, seat, [self.encode(joined), *replay])
         if not swap:
             self.fan_out(room, MemberJoined(seat.name, returned=resumed))
-        room.members[seat.name] = seat.member = member
+        room.members[seat.key] = seat.member = member
         log.debug("%s joined room %s", seat.name, room.name)
         return member
 
@@ -444,8 +457,8 @@ class MemoryRegistry(Generic[T]):
 
     def _unseat(self, room: _Room[T], seat: _Seat[T]) -> None:
         seat.cancel_expiry()
-        if room.seats.get(seat.name) is seat:
-            del room.seats[seat.name]
+        if room.seats.get(seat.key) is seat:
+            del room.seats[seat.key]
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -493,7 +506,7 @@ class MemoryRegistry(Generic[T]):
         room = member._room
         if room is None:
             return False
-        del room.members[member.name]
+        del room.members[member._seat.key]
         self._unseat(room, member._seat)
         member.drop(
             ChatError(
@@ -506,18 +519,22 @@ class MemoryRegistry(Generic[T]):
         return True
 
     def _create(self, room: str) -> _Room[T]:
-        check_name(room, "room")
+        room = check_name(room, "room")
         if self._closed:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, "the server is shutting down; no rooms can be made")
-        if room in self._rooms:
-            raise ChatError(ErrorKind.ROOM_EXISTS, f"room {room!r} already exists; /join {room} enters it")
+        key = name_key(room)
+        if (existing := self._rooms.get(key)) is not None:
+            alike = "" if existing.name == room else f" (too like {room!r} to tell apart)"
+            raise ChatError(
+                ErrorKind.ROOM_EXISTS, f"room {existing.name!r} already exists{alike}; /join {existing.name} enters it"
+            )
         if len(self._rooms) >= self.max_rooms:
             raise ChatError(
                 ErrorKind.ROOM_LIMIT,
                 f"the server has reached its limit of rooms ({self.max_rooms}); /join one of them, or ask an "
                 "admin to /kill rooms nobody uses",
             )
-        created = self._rooms[room] = _Room[T](room, self.history_limit)
+        created = self._rooms[key] = _Room[T](room, self.history_limit)
         log.info("New room %s created", room, extra={"room": room})
         return created
 
@@ -533,17 +550,36 @@ class MemoryRegistry(Generic[T]):
         return len(members)
 
 
-def _taken(room: _Room[T], name: str) -> str:
-    seat = room.seats[name]
-    if seat.member is None:
-        return f"the name {name!r} in room {room.name!r} is held for a member whose connection dropped; pick another"
-    return f"someone in room {room.name!r} is already called {name!r}; pick another name"
+def _taken(room: _Room[T], wanted: _Seat[T]) -> str:
+    holder = room.seats[wanted.key]
+    name = (
+        repr(holder.name) if holder.name == wanted.name else f"{holder.name!r} (too like {wanted.name!r} to tell apart)"
+    )
+    if holder.member is None:
+        return f"the name {name} in room {room.name!r} is held for a member whose connection dropped; pick another"
+    return f"someone in room {room.name!r} is already called {name}; pick another name"
 
 
 def _free_default(taken: Mapping[str, object]) -> str:
-    if DEFAULT_NAME not in taken:
-        return DEFAULT_NAME
-    number = 2
-    while f"{DEFAULT_NAME}-{number}" in taken:
+    name, number = DEFAULT_NAME, 1
+    while name_key(name) in taken:
         number += 1
-    return f"{DEFAULT_NAME}-{number}"
+        name = f"{DEFAULT_NAME}-{number}"
+    return name
+
+
+def _issue_token(room: _Room[T], key: str, nonce: str) -> str:
+    """A resume token: the room's uid, a nonce, and a MAC proving the room gave it out for the name with `key`."""
+    mac = hmac.digest(room.secret, f"{key}\0{nonce}".encode("utf-8", "surrogatepass"), "sha256")
+    return f"{room.uid}.{nonce}.{base64.urlsafe_b64encode(mac[:18]).decode()}"
+
+
+def _proves(token: str, room: _Room[T], key: str) -> bool:
+    """Whether `room` gave out `token` for the name with `key`, in this membership or an earlier one."""
+    nonce = token.split(".")[1] if token.count(".") == 2 else ""
+    return _same_token(_issue_token(room, key, nonce), token)
+
+
+def _same_token(expected: str, presented: str) -> bool:
+    # Compared as bytes, in constant time: compare_digest refuses a str that is not ASCII.
+    return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "surrogatepass"))

@@ -144,6 +144,25 @@ def test_bad_input_is_an_error_and_the_stream_lives_on(server_process: ServerPro
         assert not [line for line in alice.output if "x" * 100 in line]
 
 
+def test_a_line_that_would_drive_the_terminal_is_refused_and_nothing_raw_is_printed(
+    server_process: ServerProcess,
+) -> None:
+    with chat(server_process) as alice, chat(server_process) as bob:
+        alice.send("/create lobby alice")
+        alice.expect("* room lobby created")
+        bob.send("/join LOBBY Bob")
+        bob.expect("* you joined lobby as Bob")
+        alice.send("hi\x1b]0;pwned\x07\x1b[2J")
+        assert "U+001B (a terminal escape)" in alice.expect("error: the line has")
+        alice.send("/whisper bob \u202esecret")
+        assert "U+202E (RIGHT-TO-LEFT OVERRIDE)" in alice.expect("error: the line has")
+        alice.send("still one line")
+        assert messages(bob, 1) == ["alice : still one line"]
+        assert_clean_exit(alice, bob)
+    printed = [*alice.output, *bob.output, alice.stderr, bob.stderr]
+    assert not [line for line in printed if "\x1b" in line or "\u202e" in line]
+
+
 def test_end_of_input_leaves_after_printing_what_is_due(server_process: ServerProcess) -> None:
     with chat(server_process) as alice, chat(server_process) as bob:
         alice.send("/create lobby alice")
@@ -279,6 +298,23 @@ def test_interactive_prompt_follows_the_state(server_process: ServerProcess, exi
         assert term.wait() == 0
     assert "* you left lobby" in term.screen
     assert "Traceback" not in term.screen
+
+
+def test_a_pasted_block_is_sent_one_message_per_line(server_process: ServerProcess) -> None:
+    with Terminal([executable("chat"), "--port", str(server_process.port)], server_process.env) as term:
+        term.expect("type /help for the commands")
+        term.expect(">")
+        term.type("/create lobby alice\r")
+        term.expect("[lobby as alice]>")
+        # A terminal wraps a paste in these markers; its line breaks then reach the prompt as text, not as Enter.
+        term.type("\x1b[200~first line\r\nsecond line\n\nthird line\x1b[201~")
+        term.type("\r")
+        for line in ("alice : first line", "alice : second line", "alice : third line"):
+            term.expect(line)
+        term.expect("[lobby as alice]>")
+        term.type("\x04")
+        assert term.wait() == 0
+    assert "error:" not in term.screen
 
 
 def test_interactive_prompt_shows_reconnecting_and_ctrl_c_exits(server_process: ServerProcess) -> None:

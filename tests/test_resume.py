@@ -203,6 +203,27 @@ async def test_resume_after_the_grace_period_still_replays_under_a_free_name() -
         assert (rejoined.resumed, rejoined.replayed) == (True, 1)
         assert rejoined.resume_token != joined.resume_token
         assert (await back.next()).message.text == "missed"
+        await alice.next_of("member_left")
+        back_again = (await alice.next_of("member_joined")).member_joined
+        assert (back_again.name, back_again.returned) == ("bob", True)
+
+
+async def test_a_token_is_no_resume_for_a_name_it_was_not_issued_for() -> None:
+    async with serving(Config(port=0, resume_grace_seconds=0, grace_seconds=1.0)) as stub:
+        alice, joined = await _alice_and_bob_dropped(stub)
+        impostor = Stream(stub)
+        await impostor.call.write(_resume("r", "mallory", joined.resume_token, 0))
+        refusal = (await impostor.next()).error
+        assert refusal.code == pb.ERROR_CODE_BAD_REQUEST
+        assert "not issued for the name 'mallory'" in refusal.message
+        forged = joined.resume_token[:-4] + ("AAAA" if not joined.resume_token.endswith("AAAA") else "BBBB")
+        await impostor.call.write(_resume("r", "bob", forged, 0))
+        assert (await impostor.next()).error.code == pb.ERROR_CODE_BAD_REQUEST
+        # Nobody was announced as back: after bob left, the next arrival alice hears of is carol's plain join.
+        await alice.next_of("member_left")
+        await Stream.joined(stub, "r", "carol")
+        arrival = (await alice.next_of("member_joined")).member_joined
+        assert (arrival.name, arrival.returned) == ("carol", False)
 
 
 async def test_resume_is_refused_for_a_gone_room_or_a_wrong_token(stub: Stub, server: ChatServer) -> None:

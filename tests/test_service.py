@@ -57,6 +57,42 @@ async def test_explicit_name_taken_is_refused_and_stream_lives_on(stub: Stub) ->
     assert (await stream.next()).joined.name == "alice2"
 
 
+@pytest.mark.parametrize(
+    "lookalike", ["Alice", "ALICE", "\u0430lice", "a1ice"], ids=["capital", "upper", "cyrillic-a", "digit-one"]
+)
+async def test_a_name_too_like_a_members_is_refused(stub: Stub, lookalike: str) -> None:
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    stream = Stream(stub)
+    await stream.join("r", lookalike)
+    error = (await stream.next()).error
+    assert error.code == pb.ERROR_CODE_NAME_TAKEN
+    assert f"already called 'alice' (too like {lookalike!r} to tell apart)" in error.message
+    await stream.join("r", "bob")
+    assert list((await stream.next()).joined.members) == ["alice", "bob"]
+    assert (await alice.next()).member_joined.name == "bob"
+
+
+async def test_names_are_shown_as_typed_and_whispers_find_them_in_any_case(stub: Stub) -> None:
+    alice, _ = await Stream.joined(stub, "r", "Alice", create=True)
+    bob, joined = await Stream.joined(stub, "r", "jose\u0301")
+    assert list(joined.members) == ["Alice", "jos\u00e9"]
+    await bob.whisper("ALICE", "psst")
+    for stream in (alice, bob):
+        whisper = (await stream.next_of("whisper")).whisper
+        assert (whisper.sender, whisper.recipient) == ("jos\u00e9", "Alice")
+
+
+async def test_room_names_are_one_room_whatever_their_case(stub: Stub) -> None:
+    await stub.CreateRoom(pb.CreateRoomRequest(room="Lobby"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateRoom(pb.CreateRoomRequest(room="lobby"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "room 'Lobby' already exists (too like 'lobby' to tell apart)" in (info.value.details() or "")
+    _, joined = await Stream.joined(stub, "LOBBY", "alice")
+    assert joined.room == "Lobby"
+    assert [room.name for room in (await stub.ListRooms(pb.ListRoomsRequest())).rooms] == ["Lobby"]
+
+
 async def test_whisper_reaches_only_the_recipient_and_echoes_to_sender(stub: Stub) -> None:
     alice, _ = await Stream.joined(stub, "r", "alice", create=True)
     bob, _ = await Stream.joined(stub, "r", "bob")
@@ -83,15 +119,21 @@ async def test_whisper_to_absent_member_is_an_error_event(stub: Stub) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "code"),
-    [("", pb.ERROR_CODE_INVALID_TEXT), ("x" * 4097, pb.ERROR_CODE_INVALID_TEXT)],
+    "text",
+    ["", "x" * 4097, "two\nlines", "\r* room lobby was closed by the server", "\x1b]0;pwned\x07", "\u202eevil"],
+    ids=["empty", "too-long", "newline", "carriage-return", "escape", "bidi-override"],
 )
-async def test_bad_text_is_an_error_event(stub: Stub, text: str, code: int) -> None:
+async def test_bad_text_is_an_error_event(stub: Stub, text: str) -> None:
     alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    bob, _ = await Stream.joined(stub, "r", "bob")
     await alice.say(text)
-    assert (await alice.next()).error.code == code
+    assert (await alice.next_of("error")).error.code == pb.ERROR_CODE_INVALID_TEXT
+    await alice.whisper("bob", text)
+    assert (await alice.next()).error.code == pb.ERROR_CODE_INVALID_TEXT
     await alice.say("é" * 2048)
     assert (await alice.next()).message.seq == 1
+    # Nothing refused reached bob: the first message he gets is the valid one.
+    assert (await bob.next_of("message")).message.seq == 1
 
 
 async def test_second_join_on_a_stream_is_an_error(stub: Stub) -> None:
