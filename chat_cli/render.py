@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 from chat_service._pb.chat.v1 import chat_pb2
@@ -111,6 +111,13 @@ def left(room: str) -> str:
 def killed(room: str, ejected: int) -> str:
     """The confirmation of an admin kill."""
     return f"room {room} killed; {_count(ejected, 'member')} sent back to waiting"
+
+
+def pruned(rooms: Sequence[str]) -> str:
+    """The confirmation of an admin prune."""
+    if not rooms:
+        return "no empty rooms to prune"
+    return f"pruned {_count(len(rooms), 'empty room')}: {', '.join(rooms)}"
 
 
 def error(message: str) -> str:

@@ -362,6 +362,14 @@ class MemoryRegistry(Generic[T]):
         log.info("Room %s killed, %d members ejected", room, ejected)
         return ejected
 
+    async def prune_rooms(self) -> list[str]:
+        empty = sorted(name for name, room in self._rooms.items() if _empty(room))
+        for name in empty:
+            self._close(self._rooms.pop(name), CloseReason.KILLED)
+        if empty:
+            log.info("%d empty rooms pruned", len(empty))
+        return empty
+
     async def join(
         self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
     ) -> Member[T]:
@@ -531,6 +539,11 @@ class MemoryRegistry(Generic[T]):
         for member in members:
             member.end_with(item)
         return len(members)
+
+
+def _empty(room: _Room[T]) -> bool:
+    """Nobody is in the room and no name in it is held for a member that may resume."""
+    return not room.members and not room.seats
 
 
 def _taken(room: _Room[T], name: str) -> str:

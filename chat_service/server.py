@@ -89,7 +89,9 @@ class ChatServer:
         self._token = _choose_token(config, token)
         self.health = health.aio.HealthServicer()
         self._guard = admin_token.AdminTokenInterceptor(
-            self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}), self._token_hint()
+            self._token.value,
+            frozenset({f"/{SERVICE_NAME}/KillRoom", f"/{SERVICE_NAME}/PruneRooms"}),
+            self._token_hint(),
         )
         self._server = grpc.aio.server(interceptors=[self._guard], options=server_options(config.keepalive_seconds))
         self._server.add_generic_rpc_handlers([handler(ChatServicer(self.registry))])
@@ -102,7 +104,7 @@ class ChatServer:
 
     @property
     def admin_token(self) -> str:
-        """The token KillRoom requires."""
+        """The token KillRoom and PruneRooms require."""
         return self._token.value
 
     @property

@@ -52,6 +52,11 @@ class ChatServicer:
             await _abort(context, error)
         return pb.KillRoomResponse(ejected_members=ejected)
 
+    async def PruneRooms(
+        self, request: pb.PruneRoomsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.PruneRoomsResponse:
+        return pb.PruneRoomsResponse(rooms=await self._registry.prune_rooms())
+
     async def Chat(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> None:
         requests = aiter(requests)
         member = await self._join(requests, context)
@@ -180,6 +185,11 @@ def handler(servicer: ChatServicer) -> grpc.GenericRpcHandler:
                 servicer.KillRoom,
                 request_deserializer=pb.KillRoomRequest.FromString,
                 response_serializer=pb.KillRoomResponse.SerializeToString,
+            ),
+            "PruneRooms": grpc.unary_unary_rpc_method_handler(
+                servicer.PruneRooms,
+                request_deserializer=pb.PruneRoomsRequest.FromString,
+                response_serializer=pb.PruneRoomsResponse.SerializeToString,
             ),
             "Chat": grpc.stream_stream_rpc_method_handler(
                 servicer.Chat, request_deserializer=pb.ChatRequest.FromString, response_serializer=None
