@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help=f"rooms the server holds at most; creating one more is refused (default: {DEFAULT_MAX_ROOMS})",
     )
+    parser.add_argument(
+        "--empty-room-ttl",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="close a room once nobody has been in it for this long (default: rooms stay until killed or pruned)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG shows joins and leaves (default: INFO)")
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
     return parser.parse_args(argv)
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             history=args.history,
             resume_grace_seconds=args.resume_grace,
             max_rooms=args.max_rooms,
+            empty_room_ttl=args.empty_room_ttl,
         )
         _tune_gc()
         try:
@@ -83,6 +90,13 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, RuntimeError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

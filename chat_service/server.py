@@ -63,6 +63,7 @@ class Config:
     history: int = DEFAULT_HISTORY
     resume_grace_seconds: float = DEFAULT_RESUME_GRACE_SECONDS
     max_rooms: int = DEFAULT_MAX_ROOMS
+    empty_room_ttl: float | None = None
     grace_seconds: float = 5.0
     keepalive_seconds: float = 10.0
 
@@ -85,6 +86,7 @@ class ChatServer:
             history_limit=config.history,
             resume_grace=config.resume_grace_seconds,
             max_rooms=config.max_rooms,
+            empty_room_ttl=config.empty_room_ttl,
         )
         self._token = _choose_token(config, token)
         self.health = health.aio.HealthServicer()

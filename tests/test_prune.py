@@ -1,8 +1,9 @@
-"""Closing empty rooms: PruneRooms (chat-admin prune)."""
+"""Closing empty rooms: PruneRooms (chat-admin prune) at once, or --empty-room-ttl after a while."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -11,6 +12,7 @@ import pytest
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.server import ChatServer
+from tests.conftest import start_server_process
 from tests.streams import Stream
 
 if TYPE_CHECKING:
@@ -49,3 +51,21 @@ async def test_prune_closes_only_rooms_nobody_is_in_or_may_come_back_to(stub: St
     rooms = [room.name for room in (await stub.ListRooms(pb.ListRoomsRequest())).rooms]
     assert rooms == ["held", "lobby"]
     assert list((await stub.PruneRooms(pb.PruneRoomsRequest(), metadata=admin(server))).rooms) == []
+
+
+async def test_empty_room_ttl_closes_a_room_nobody_is_in(tmp_path: Path) -> None:
+    proc = await asyncio.to_thread(start_server_process, tmp_path / "state", "--empty-room-ttl", "0.5")
+    try:
+        async with grpc.aio.insecure_channel(proc.address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            await stub.CreateRoom(pb.CreateRoomRequest(room="idle"))
+            await Stream.joined(stub, "busy", "alice", create=True)
+            for _ in range(200):
+                rooms = [room.name for room in (await stub.ListRooms(pb.ListRoomsRequest())).rooms]
+                if "idle" not in rooms:
+                    break
+                await asyncio.sleep(0.05)
+            assert rooms == ["busy"]
+        await asyncio.to_thread(proc.wait_for_line, "Room idle closed: nobody was in it for 0.5 s")
+    finally:
+        await asyncio.to_thread(proc.stop)
