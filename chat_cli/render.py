@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 
@@ -38,7 +39,7 @@ def event(incoming: Incoming, me: str) -> str:
     if kind == "room_closed":
         return room_closed(incoming.room_closed)
     if kind == "error":
-        return error(incoming.error.message)
+        return problem(incoming.error)
     return f"* unknown event from the server: {kind}; is this client older than the server?"
 
 
@@ -118,6 +119,15 @@ def pruned(rooms: Sequence[str]) -> str:
     if not rooms:
         return "no empty rooms to prune"
     return f"pruned {_count(len(rooms), 'empty room')}: {', '.join(rooms)}"
+
+
+def problem(event: chat_pb2.Error) -> str:
+    """A request the server refused; a rate limit says how long to wait."""
+    if event.code == chat_pb2.ERROR_CODE_RATE_LIMITED and event.HasField("retry_after"):
+        # Rounded up, so that waiting as long as it says is always enough.
+        wait = math.ceil(event.retry_after.ToNanoseconds() / 1e8) / 10
+        return error(f"slow down: {event.message} (try again in {wait:.1f} s)")
+    return error(event.message)
 
 
 def error(message: str) -> str:

@@ -7,7 +7,8 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from chat_service import admin_token
 from chat_service.console import run_console
 from chat_service.encoding import encode
 from chat_service.history import DEFAULT_HISTORY
+from chat_service.limits import Limiter, Limits
 from chat_service.registry import Registry
 from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, MemoryRegistry
 from chat_service.service import SERVICE_NAME, ChatServicer, handler
@@ -64,6 +66,7 @@ class Config:
     resume_grace_seconds: float = DEFAULT_RESUME_GRACE_SECONDS
     max_rooms: int = DEFAULT_MAX_ROOMS
     empty_room_ttl: float | None = None
+    limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 5.0
     keepalive_seconds: float = 10.0
 
@@ -89,6 +92,7 @@ class ChatServer:
             empty_room_ttl=config.empty_room_ttl,
         )
         self._token = _choose_token(config, token)
+        servicer = ChatServicer(self.registry, Limiter(config.limits, time.monotonic), self._token.value)
         self.health = health.aio.HealthServicer()
         self._guard = admin_token.AdminTokenInterceptor(
             self._token.value,
@@ -96,7 +100,7 @@ class ChatServer:
             self._token_hint(),
         )
         self._server = grpc.aio.server(interceptors=[self._guard], options=server_options(config.keepalive_seconds))
-        self._server.add_generic_rpc_handlers([handler(ChatServicer(self.registry))])
+        self._server.add_generic_rpc_handlers([handler(servicer)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -106,7 +110,7 @@ class ChatServer:
 
     @property
     def admin_token(self) -> str:
-        """The token KillRoom and PruneRooms require."""
+        """The token KillRoom and PruneRooms require, and which exempts a call from every rate limit."""
         return self._token.value
 
     @property

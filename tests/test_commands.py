@@ -207,6 +207,14 @@ def test_render_event(incoming: Incoming, me: str, line: str) -> None:
     assert render.event(incoming, me) == line
 
 
+def test_render_rate_limited_error_says_how_long_to_wait() -> None:
+    error = pb.Error(code=pb.ERROR_CODE_RATE_LIMITED, message="you are sending lines too fast (at most 5 a second)")
+    error.retry_after.FromMilliseconds(1500)
+    assert render.event(pb.Event(error=error), "bob") == (
+        "error: slow down: you are sending lines too fast (at most 5 a second) (try again in 1.5 s)"
+    )
+
+
 @pytest.fixture
 def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Local time is UTC for the duration of the test."""
