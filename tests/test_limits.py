@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from chat_cli.session import Session
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.errors import ChatError, ErrorKind
@@ -18,6 +19,7 @@ from chat_service.server import ChatServer, Config
 from tests.conftest import executable, running, start_server_process
 from tests.proc import Proc
 from tests.proxy import Proxy
+from tests.recorder import Recorder
 from tests.streams import Stream
 
 if TYPE_CHECKING:
@@ -224,3 +226,30 @@ def test_the_client_shows_how_long_to_wait(tmp_path: Path) -> None:
             assert client.finish() == 0
     finally:
         proc.stop()
+
+
+async def test_a_resume_refused_for_the_rate_is_tried_again_later() -> None:
+    # A token every 3 s: the session's next attempt after the bucket is emptied comes sooner, and a later one not.
+    config = Config(port=0, grace_seconds=1.0, limits=Limits(joins=Rate(1 / 3, 3)))
+    seen = Recorder()
+    async with (
+        running(config) as server,
+        Proxy(server.port, source="127.0.0.7") as carols_network,
+        stub_from(server, "127.0.0.7") as neighbour,
+        Session(f"127.0.0.1:{carols_network.port}", seen) as carol,
+    ):
+        await carol.connect()
+        assert await carol.create("lobby", "carol") is not None
+        carols_network.cut()
+        await seen.until_true(lambda: len(seen.attempts) >= 2)
+        # Someone else at carol's address spends what is left of its joins while she is away.
+        for i in range(5):
+            stream = Stream(neighbour)
+            await stream.join("lobby", f"n{i}")
+            if (await stream.next()).WhichOneof("kind") == "error":
+                break
+        else:
+            raise AssertionError("the address never ran out of joins")
+        carols_network.restore()
+        await seen.until_true(lambda: bool(seen.joined) and seen.joined[-1].resumed, timeout=30)
+        assert seen.lost == []
