@@ -368,12 +368,13 @@ class MemoryRegistry(Generic[T]):
         return ejected
 
     async def prune_rooms(self) -> list[str]:
-        empty = sorted(name for name, room in self._rooms.items() if _empty(room))
-        for name in empty:
-            self._close(self._rooms.pop(name), CloseReason.KILLED)
+        empty = [(key, room) for key, room in self._rooms.items() if _empty(room)]
+        for key, room in empty:
+            del self._rooms[key]
+            self._close(room, CloseReason.KILLED)
         if empty:
             log.info("%d empty rooms pruned", len(empty))
-        return empty
+        return sorted(room.name for _, room in empty)
 
     def _sweep_empty(self) -> None:
         """Close the rooms the sweep has seen empty for the TTL, and come back in a quarter of it."""
@@ -381,16 +382,16 @@ class MemoryRegistry(Generic[T]):
         assert ttl is not None
         now = asyncio.get_running_loop().time()
         seen, self._empty_since = self._empty_since, {}
-        for name, room in list(self._rooms.items()):
+        for key, room in list(self._rooms.items()):
             if not _empty(room):
                 continue
             since = seen.get(room, now)
             if now - since < ttl:
                 self._empty_since[room] = since
                 continue
-            del self._rooms[name]
+            del self._rooms[key]
             self._close(room, CloseReason.KILLED)
-            log.info("Room %s closed: nobody was in it for %g s", name, ttl)
+            log.info("Room %s closed: nobody was in it for %g s", room.name, ttl)
         self._sweep = None
         self._schedule_sweep()
 
