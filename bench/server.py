@@ -19,6 +19,9 @@ from bench import procstat
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 LISTENING = "chat server listening on "
+# Thousands of members from one address, joining in waves and saying lines as fast as they can: what the server's
+# per-address and per-member rate limits exist to refuse, so the benchmark turns them off.
+UNLIMITED = ["--rooms-per-minute", "0", "--joins-per-second", "0", "--lines-per-second", "0"]
 
 
 class ServerError(Exception):
@@ -40,7 +43,7 @@ class ServerProcess:
     """A running `chat-server --port 0`; its stdout is drained by a thread so it never blocks on a full pipe."""
 
     def __init__(self, max_queue: int | None = None) -> None:
-        args = [executable(), "--host", "127.0.0.1", "--port", "0", "--no-console"]
+        args = [executable(), "--host", "127.0.0.1", "--port", "0", "--no-console", *UNLIMITED]
         if max_queue is not None:
             args += ["--max-queue", str(max_queue)]
         # A token in the environment keeps the server from writing a token file into the user's state dir.

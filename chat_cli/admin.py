@@ -1,4 +1,4 @@
-"""`chat-admin`: list and kill rooms, once from the command line or in a small console."""
+"""`chat-admin`: list, kill and prune rooms, once from the command line or in a small console."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import grpc
 from prompt_toolkit import PromptSession
 
 from chat_cli import options, render
-from chat_cli.commands import ADMIN_USAGE, AdminCommand, Help, Invalid, Kill, Ls, Quit, parse_admin
+from chat_cli.commands import ADMIN_USAGE, AdminCommand, Help, Invalid, Kill, Ls, Prune, Quit, parse_admin
 from chat_cli.session import CONNECT_TIMEOUT, RPC_TIMEOUT, SessionError, UnreachableError, diagnose, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 from chat_service._pb.chat.v1 import chat_pb2, chat_pb2_grpc
@@ -93,6 +93,19 @@ class Admin:
             raise self._error(exc, token) from None
         return [render.killed(room, response.ejected_members)]
 
+    def prune(self) -> list[str]:
+        """Close every room nobody is in."""
+        token = resolve_token(self.token_file, self.port)
+        try:
+            response = self.stub.PruneRooms(
+                chat_pb2.PruneRoomsRequest(),
+                metadata=(("authorization", f"Bearer {token.value}"),),
+                timeout=RPC_TIMEOUT,
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc, token) from None
+        return [render.pruned(response.rooms)]
+
     def run(self, command: AdminCommand) -> list[str]:
         """The outcome of one console command; expected failures become `error:` lines."""
         try:
@@ -101,6 +114,8 @@ class Admin:
                     return self.ls()
                 case Kill(room):
                     return self.kill(room)
+                case Prune():
+                    return self.prune()
                 case Help():
                     return [ADMIN_USAGE]
                 case Invalid(message):
@@ -141,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lines = admin.ls()
             elif args.command == "kill":
                 lines = admin.kill(args.room)
+            elif args.command == "prune":
+                lines = admin.prune()
             else:
                 _console(admin)
                 return 0
@@ -157,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat-admin",
-        description="List and kill the rooms of a chat server. Without a command, read commands from a console.",
+        description="List, kill and prune the rooms of a chat server. Without a command, read commands from a console.",
     )
     options.add_version_option(parser)
     options.add_connection_options(parser)
@@ -177,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("ls", help="list the rooms")
     kill = commands.add_parser("kill", help="close a room and send its members back to waiting")
     kill.add_argument("room", metavar="ROOM")
+    commands.add_parser("prune", help="close every room nobody is in")
     return parser
 
 

@@ -59,6 +59,11 @@ class Kill:
 
 
 @dataclass(frozen=True)
+class Prune:
+    """Close every empty room (admin console only)."""
+
+
+@dataclass(frozen=True)
 class Help:
     """Show the usage text."""
 
@@ -76,7 +81,7 @@ class Invalid:
 
 
 Command = Create | Join | Say | Whisper | Leave | Who | Ls | Help | Quit | Invalid
-AdminCommand = Ls | Kill | Help | Quit | Invalid
+AdminCommand = Ls | Kill | Prune | Help | Quit | Invalid
 
 USAGE = """\
 commands:
@@ -94,6 +99,7 @@ ADMIN_USAGE = """\
 commands:
   /ls                   list the rooms
   /kill ROOM            close ROOM and send its members back to waiting
+  /prune                close every room nobody is in
   /help                 show this help
   /quit                 exit (also Ctrl-D)"""
 
@@ -144,7 +150,7 @@ def parse_admin(line: str) -> AdminCommand | None:
     args = rest.split()
     if word == "kill":
         return Kill(args[0]) if len(args) == 1 else Invalid("usage: /kill ROOM")
-    simple: dict[str, AdminCommand] = {"ls": Ls(), "help": Help(), "quit": Quit()}
+    simple: dict[str, AdminCommand] = {"ls": Ls(), "prune": Prune(), "help": Help(), "quit": Quit()}
     if word in simple:
         return Invalid(f"usage: /{word} (it takes no arguments)") if args else simple[word]
     return _unknown(word)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 from chat_service._pb.chat.v1 import chat_pb2
@@ -57,7 +58,7 @@ def _event(incoming: Incoming, me: str) -> str:
     if kind == "room_closed":
         return room_closed(incoming.room_closed)
     if kind == "error":
-        return error(incoming.error.message)
+        return problem(incoming.error)
     return f"* unknown event from the server: {kind}; is this client older than the server?"
 
 
@@ -131,6 +132,22 @@ def left(room: str) -> str:
 def killed(room: str, ejected: int) -> str:
     """The confirmation of an admin kill."""
     return safe(f"room {room} killed; {_count(ejected, 'member')} sent back to waiting")
+
+
+def pruned(rooms: Sequence[str]) -> str:
+    """The confirmation of an admin prune."""
+    if not rooms:
+        return "no empty rooms to prune"
+    return f"pruned {_count(len(rooms), 'empty room')}: {', '.join(rooms)}"
+
+
+def problem(event: chat_pb2.Error) -> str:
+    """A request the server refused; a rate limit says how long to wait."""
+    if event.code == chat_pb2.ERROR_CODE_RATE_LIMITED and event.HasField("retry_after"):
+        # Rounded up, so that waiting as long as it says is always enough.
+        wait = math.ceil(event.retry_after.ToNanoseconds() / 1e8) / 10
+        return error(f"slow down: {event.message} (try again in {wait:.1f} s)")
+    return error(event.message)
 
 
 def error(message: str) -> str:

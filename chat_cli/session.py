@@ -553,7 +553,11 @@ class Session:
                 await self._write(stream, chat_pb2.ChatRequest(join=join))
                 joined = await stream.answered
             if joined is None:
-                raise _RefusedError(stream.refusal)
+                refusal = stream.refusal
+                if refusal is not None and refusal.code == chat_pb2.ERROR_CODE_RATE_LIMITED:
+                    # Too many resumes from this address at once (a crowd behind one NAT): the backoff retries.
+                    return False
+                raise _RefusedError(refusal)
             # The server skips a re-sent line it already broadcast, so everything unanswered goes out again.
             if not await stream.caught_up or not await self._resend(stream, stay):
                 return False

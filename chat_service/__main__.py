@@ -17,6 +17,17 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from chat_service import logs
 from chat_service.admin_token import TokenFileError
 from chat_service.history import DEFAULT_HISTORY
+from chat_service.limits import (
+    DEFAULT_JOIN_BURST,
+    DEFAULT_JOINS_PER_SECOND,
+    DEFAULT_LINE_BURST,
+    DEFAULT_LINES_PER_SECOND,
+    DEFAULT_ROOM_BURST,
+    DEFAULT_ROOMS_PER_MINUTE,
+    DEFAULT_TRACKED_ADDRESSES,
+    Limits,
+    Rate,
+)
 from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
 from chat_service.server import Config, Tls, run
 
@@ -65,6 +76,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"rooms the server holds at most; creating one more is refused (default: {DEFAULT_MAX_ROOMS})",
     )
     parser.add_argument(
+        "--empty-room-ttl",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="close a room once nobody has been in it for this long (default: rooms stay until killed or pruned)",
+    )
+    _add_rate(parser, "rooms-per-minute", DEFAULT_ROOMS_PER_MINUTE, "rooms one client address may create a minute")
+    _add_burst(parser, "room-burst", DEFAULT_ROOM_BURST, "rooms one address may create at once before that rate")
+    _add_rate(parser, "joins-per-second", DEFAULT_JOINS_PER_SECOND, "joins and resumes one address may make a second")
+    _add_burst(parser, "join-burst", DEFAULT_JOIN_BURST, "joins one address may make at once before that rate")
+    _add_rate(parser, "lines-per-second", DEFAULT_LINES_PER_SECOND, "lines and whispers one member may send a second")
+    _add_burst(parser, "line-burst", DEFAULT_LINE_BURST, "lines one member may send at once before that rate")
+    parser.add_argument(
+        "--tracked-addresses",
+        type=_at_least(1),
+        default=DEFAULT_TRACKED_ADDRESSES,
+        metavar="N",
+        help="client addresses whose rates are remembered at most; the least recently seen is forgotten first "
+        f"(default: {DEFAULT_TRACKED_ADDRESSES})",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -111,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
             resume_grace_seconds=args.resume_grace,
             max_rooms=args.max_rooms,
             tls=_tls(args),
+            empty_room_ttl=args.empty_room_ttl,
+            limits=Limits(
+                rooms=Rate(args.rooms_per_minute / 60, args.room_burst),
+                joins=Rate(args.joins_per_second, args.join_burst),
+                lines=Rate(args.lines_per_second, args.line_burst),
+                max_addresses=args.tracked_addresses,
+            ),
         )
         _tune_gc()
         try:
@@ -121,6 +159,32 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, RuntimeError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def _add_rate(parser: argparse.ArgumentParser, flag: str, default: float, what: str) -> None:
+    parser.add_argument(
+        f"--{flag}", type=_rate, default=default, metavar="R", help=f"{what}; 0 for no limit (default: {default:g})"
+    )
+
+
+def _add_burst(parser: argparse.ArgumentParser, flag: str, default: int, what: str) -> None:
+    parser.add_argument(
+        f"--{flag}", type=_at_least(1), default=default, metavar="N", help=f"{what} (default: {default})"
+    )
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, not {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 
 def _tls(args: argparse.Namespace) -> Tls | None:

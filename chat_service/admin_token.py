@@ -8,7 +8,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,6 +77,25 @@ def read_token(path: Path) -> str:
     return path.read_text().strip()
 
 
+Metadata = Iterable[tuple[str, str | bytes]]
+
+
+def bearer(metadata: Metadata | None) -> bytes | None:
+    """The call's `authorization` metadata value, if it has one."""
+    given = next((value for key, value in metadata or () if key == "authorization"), None)
+    if given is None:
+        return None
+    return given if isinstance(given, bytes) else given.encode()
+
+
+def carries_token(metadata: Metadata | None, token: str) -> bool:
+    """Whether the call carries `authorization: Bearer TOKEN` with this token."""
+    given = bearer(metadata)
+    # compare_digest takes the same time wherever the first difference is, so the token cannot be guessed
+    # byte by byte from response times.
+    return given is not None and hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -95,17 +114,13 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         if handler_call_details.method not in self._guarded:
             return await continuation(handler_call_details)
-        metadata = handler_call_details.invocation_metadata or ()
-        given = next((value for key, value in metadata if key == "authorization"), None)
+        given = bearer(handler_call_details.invocation_metadata)
         if given is None:
             return _refuse(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "this needs the admin token as 'authorization: Bearer TOKEN' metadata",
             )
-        given_bytes = given if isinstance(given, bytes) else given.encode()
-        # compare_digest takes the same time wherever the first difference is, so the token cannot be guessed
-        # byte by byte from response times.
-        if not hmac.compare_digest(given_bytes, self._expected):
+        if not hmac.compare_digest(given, self._expected):
             return _refuse(grpc.StatusCode.PERMISSION_DENIED, "the admin token is wrong")
         return await continuation(handler_call_details)
 

@@ -1,4 +1,4 @@
-"""The server's own console: `/ls` and `/kill ROOM` typed where the server runs."""
+"""The server's own console: `/ls`, `/kill ROOM` and `/prune` typed where the server runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from prompt_toolkit import PromptSession
 from chat_service.errors import ChatError
 from chat_service.registry import Registry
 
-HELP = "commands: /ls lists rooms, /kill ROOM closes one, /help shows this, /quit stops the server"
+HELP = (
+    "commands: /ls lists rooms, /kill ROOM closes one, /prune closes every room nobody is in, /help shows this, "
+    "/quit stops the server"
+)
 
 
 async def run_console(registry: Registry[bytes]) -> None:
@@ -45,6 +48,10 @@ async def run_console(registry: Registry[bytes]) -> None:
                 print(f"error: {error.message}")
             else:
                 print(f"room {argument} closed, {ejected} members returned to waiting")
+        elif command == "/prune" and not argument:
+            pruned = await registry.prune_rooms()
+            names = ", ".join(pruned)
+            print(f"pruned {_count(len(pruned), 'empty room')}: {names}" if pruned else "no empty rooms to prune")
         else:
             print(f"error: unknown command {line!r}; {HELP}")
 

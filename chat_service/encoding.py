@@ -61,7 +61,10 @@ def to_proto(event: Event) -> pb.Event:
         case RoomClosed(room, reason):
             return pb.Event(room_closed=pb.RoomClosed(room=room, reason=_CLOSE_REASONS[reason]))
         case Problem(error):
-            return pb.Event(error=pb.Error(code=error_code(error.kind), message=error.message))
+            problem = pb.Error(code=error_code(error.kind), message=error.message)
+            if error.retry_after is not None:
+                problem.retry_after.FromNanoseconds(round(error.retry_after * 1e9))
+            return pb.Event(error=problem)
 
 
 def encode(event: Event) -> bytes:

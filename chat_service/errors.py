@@ -20,12 +20,14 @@ class ErrorKind(enum.Enum):
     TOO_SLOW = enum.auto()
     RESUMED_ELSEWHERE = enum.auto()
     ROOM_LIMIT = enum.auto()
+    RATE_LIMITED = enum.auto()
 
 
 class ChatError(Exception):
-    """An expected failure: a kind plus a sentence a person can act on."""
+    """An expected failure: a kind plus a sentence a person can act on, and for RATE_LIMITED how long to wait."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.retry_after = retry_after

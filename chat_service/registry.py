@@ -57,6 +57,9 @@ class Registry(Protocol[T]):
     async def kill_room(self, room: str) -> int:
         """Close a room and eject its members; returns how many; raises ChatError (ROOM_NOT_FOUND)."""
 
+    async def prune_rooms(self) -> list[str]:
+        """Close every room with no members and no name held for a resume, in one step; returns their names, sorted."""
+
     async def join(
         self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
     ) -> Membership[T]:

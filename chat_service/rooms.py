@@ -342,6 +342,7 @@ class MemoryRegistry(Generic[T]):
         history_limit: int = DEFAULT_HISTORY,
         resume_grace: float = DEFAULT_RESUME_GRACE_SECONDS,
         max_rooms: int = DEFAULT_MAX_ROOMS,
+        empty_room_ttl: float | None = None,
     ) -> None:
         self.encode = encode
         self.queue_limit = queue_limit
@@ -352,6 +353,10 @@ class MemoryRegistry(Generic[T]):
         self.max_rooms = max_rooms
         self._rooms: dict[str, _Room[T]] = {}
         self._closed = False
+        self.empty_room_ttl = empty_room_ttl
+        # When the sweep first saw each room empty; a join forgets it, so a room closes only after a whole TTL empty.
+        self._empty_since: dict[_Room[T], float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def list_rooms(self) -> list[RoomInfo]:
         return [room.info() for room in sorted(self._rooms.values(), key=lambda room: room.name)]
@@ -366,6 +371,38 @@ class MemoryRegistry(Generic[T]):
         ejected = self._close(found, CloseReason.KILLED)
         log.info("Room %s killed, %d members ejected", room, ejected)
         return ejected
+
+    async def prune_rooms(self) -> list[str]:
+        empty = [(key, room) for key, room in self._rooms.items() if _empty(room)]
+        for key, room in empty:
+            del self._rooms[key]
+            self._close(room, CloseReason.KILLED)
+        if empty:
+            log.info("%d empty rooms pruned", len(empty))
+        return sorted(room.name for _, room in empty)
+
+    def _sweep_empty(self) -> None:
+        """Close the rooms the sweep has seen empty for the TTL, and come back in a quarter of it."""
+        ttl = self.empty_room_ttl
+        assert ttl is not None
+        now = asyncio.get_running_loop().time()
+        seen, self._empty_since = self._empty_since, {}
+        for key, room in list(self._rooms.items()):
+            if not _empty(room):
+                continue
+            since = seen.get(room, now)
+            if now - since < ttl:
+                self._empty_since[room] = since
+                continue
+            del self._rooms[key]
+            self._close(room, CloseReason.KILLED)
+            log.info("Room %s closed: nobody was in it for %g s", room.name, ttl)
+        self._sweep = None
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        if self.empty_room_ttl is not None and self._sweep is None and self._rooms and not self._closed:
+            self._sweep = asyncio.get_running_loop().call_later(self.empty_room_ttl / 4, self._sweep_empty)
 
     async def join(
         self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
@@ -431,6 +468,7 @@ class MemoryRegistry(Generic[T]):
     ) -> Member[T]:
         """Seat a new member: its Joined event and `replay` first, then the room hears of it, unless it only swapped
         streams; a resumed member is announced as returned."""
+        self._empty_since.pop(room, None)
         members = tuple(sorted([*(member.name for member in room.members.values()), seat.name]))
         joined = Joined(
             room.name, seat.name, members, room.history.last_seq, created, resumed, seat.token, len(replay), lost
@@ -462,6 +500,8 @@ class MemoryRegistry(Generic[T]):
 
     async def shutdown(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         rooms, self._rooms = self._rooms, {}
         for room in rooms.values():
             self._close(room, CloseReason.SERVER_SHUTDOWN)
@@ -536,6 +576,7 @@ class MemoryRegistry(Generic[T]):
             )
         created = self._rooms[key] = _Room[T](room, self.history_limit)
         log.info("New room %s created", room, extra={"room": room})
+        self._schedule_sweep()
         return created
 
     def _close(self, room: _Room[T], reason: CloseReason) -> int:
@@ -548,6 +589,11 @@ class MemoryRegistry(Generic[T]):
         for member in members:
             member.end_with(item)
         return len(members)
+
+
+def _empty(room: _Room[T]) -> bool:
+    """Nobody is in the room and no name in it is held for a member that may resume."""
+    return not room.members and not room.seats
 
 
 def _taken(room: _Room[T], wanted: _Seat[T]) -> str:

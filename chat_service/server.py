@@ -7,7 +7,8 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from chat_service import admin_token
 from chat_service.console import run_console
 from chat_service.encoding import encode
 from chat_service.history import DEFAULT_HISTORY
+from chat_service.limits import Limiter, Limits
 from chat_service.registry import Registry
 from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, MemoryRegistry
 from chat_service.service import SERVICE_NAME, ChatServicer, handler
@@ -79,6 +81,8 @@ class Config:
     history: int = DEFAULT_HISTORY
     resume_grace_seconds: float = DEFAULT_RESUME_GRACE_SECONDS
     max_rooms: int = DEFAULT_MAX_ROOMS
+    empty_room_ttl: float | None = None
+    limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 5.0
     keepalive_seconds: float = 10.0
     tls: Tls | None = None
@@ -102,12 +106,16 @@ class ChatServer:
             history_limit=config.history,
             resume_grace=config.resume_grace_seconds,
             max_rooms=config.max_rooms,
+            empty_room_ttl=config.empty_room_ttl,
         )
         self._token = _choose_token(config, token)
+        servicer = ChatServicer(self.registry, Limiter(config.limits, time.monotonic), self._token.value)
         self.health = _Health()
-        self._guard = admin_token.AdminTokenInterceptor(self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom"}))
+        self._guard = admin_token.AdminTokenInterceptor(
+            self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom", f"/{SERVICE_NAME}/PruneRooms"})
+        )
         self._server = grpc.aio.server(interceptors=[self._guard], options=server_options(config.keepalive_seconds))
-        self._server.add_generic_rpc_handlers([handler(ChatServicer(self.registry))])
+        self._server.add_generic_rpc_handlers([handler(servicer)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -117,7 +125,7 @@ class ChatServer:
 
     @property
     def admin_token(self) -> str:
-        """The token KillRoom requires."""
+        """The token KillRoom and PruneRooms require, and which exempts a call from every rate limit."""
         return self._token.value
 
     @property

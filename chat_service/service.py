@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
 from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat_service.admin_token import carries_token
 from chat_service.encoding import encode
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import LeaveReason, Problem, Resume, RoomInfo
+from chat_service.limits import Limiter, client_address
 from chat_service.registry import Membership, Registry
 from chat_service.status import status_code
 
@@ -25,8 +29,19 @@ Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
 class ChatServicer:
     """Serves chat.v1.ChatService from a registry whose events are already encoded batch pieces."""
 
-    def __init__(self, registry: Registry[bytes]) -> None:
+    def __init__(
+        self, registry: Registry[bytes], limiter: Limiter | None = None, admin_token: str | None = None
+    ) -> None:
         self._registry = registry
+        self._limiter = limiter
+        self._admin_token = admin_token
+
+    def _limiter_for(self, context: grpc.aio.ServicerContext[Any, Any]) -> Limiter | None:
+        """The limiter for this call; None for a call that carries the admin token, which no limit applies to."""
+        token = self._admin_token
+        if token is not None and carries_token(context.invocation_metadata(), token):
+            return None
+        return self._limiter
 
     async def ListRooms(
         self, request: pb.ListRoomsRequest, context: grpc.aio.ServicerContext[object, object]
@@ -38,6 +53,8 @@ class ChatServicer:
         self, request: pb.CreateRoomRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CreateRoomResponse:
         try:
+            if limiter := self._limiter_for(context):
+                limiter.create_room(client_address(context.peer()))
             info = await self._registry.create_room(request.room)
         except ChatError as error:
             await _abort(context, error)
@@ -52,12 +69,18 @@ class ChatServicer:
             await _abort(context, error)
         return pb.KillRoomResponse(ejected_members=ejected)
 
+    async def PruneRooms(
+        self, request: pb.PruneRoomsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.PruneRoomsResponse:
+        return pb.PruneRoomsResponse(rooms=await self._registry.prune_rooms())
+
     async def Chat(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> None:
         requests = aiter(requests)
-        member = await self._join(requests, context)
+        limiter = self._limiter_for(context)
+        member = await self._join(requests, context, limiter)
         if member is None:
             return
-        reader = asyncio.create_task(_serve_requests(requests, member))
+        reader = asyncio.create_task(_serve_requests(requests, member, limiter))
         guard = _WriteGuard()
         member.dropped.add_done_callback(guard.interrupt)
         try:
@@ -78,8 +101,11 @@ class ChatServicer:
             reader.cancel()
             await member.leave(LeaveReason.DISCONNECTED)
 
-    async def _join(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> Membership[bytes] | None:
+    async def _join(
+        self, requests: AsyncIterator[pb.ChatRequest], context: Context, limiter: Limiter | None
+    ) -> Membership[bytes] | None:
         """Read requests until one joins a room; every other request gets an error event."""
+        address = client_address(context.peer())
         while (request := await anext(requests, None)) is not None:
             if request.WhichOneof("action") != "join":
                 error = ChatError(ErrorKind.NOT_JOINED, "you are not in a room yet; send join first")
@@ -88,6 +114,10 @@ class ChatServicer:
             join = request.join
             resume = Resume(join.resume.token, join.resume.last_seq) if join.HasField("resume") else None
             try:
+                if limiter is not None:
+                    limiter.join(address)
+                    if join.create:
+                        limiter.create_room(address)
                 return await self._registry.join(
                     join.room, join.name, create=join.create, history=join.history, resume=resume
                 )
@@ -96,14 +126,21 @@ class ChatServicer:
         return None
 
 
-async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membership[bytes]) -> None:
+async def _serve_requests(
+    requests: AsyncIterator[pb.ChatRequest], member: Membership[bytes], limiter: Limiter | None
+) -> None:
     """Apply a joined member's requests in order, until `leave` or the end of the requests."""
+    lines = limiter.lines() if limiter is not None else None
     async for request in requests:
         action = request.WhichOneof("action")
         try:
             if action == "say":
+                if lines is not None:
+                    lines.charge()
                 await member.say(request.say.text, request.say.client_id)
             elif action == "whisper":
+                if lines is not None:
+                    lines.charge()
                 whisper = request.whisper
                 await member.whisper(whisper.recipient, whisper.text, whisper.client_id)
             elif action == "leave":
@@ -154,7 +191,11 @@ class _WriteGuard:
 
 
 async def _abort(context: grpc.aio.ServicerContext[object, object], error: ChatError) -> None:
-    await context.abort(status_code(error.kind), error.message)
+    message = error.message
+    if error.retry_after is not None:
+        # Rounded up, so that waiting as long as it says is always enough.
+        message += f"; try again in {math.ceil(error.retry_after * 10) / 10:.1f} s"
+    await context.abort(status_code(error.kind), message)
 
 
 def _room(info: RoomInfo) -> pb.Room:
@@ -180,6 +221,11 @@ def handler(servicer: ChatServicer) -> grpc.GenericRpcHandler:
                 servicer.KillRoom,
                 request_deserializer=pb.KillRoomRequest.FromString,
                 response_serializer=pb.KillRoomResponse.SerializeToString,
+            ),
+            "PruneRooms": grpc.unary_unary_rpc_method_handler(
+                servicer.PruneRooms,
+                request_deserializer=pb.PruneRoomsRequest.FromString,
+                response_serializer=pb.PruneRoomsResponse.SerializeToString,
             ),
             "Chat": grpc.stream_stream_rpc_method_handler(
                 servicer.Chat, request_deserializer=pb.ChatRequest.FromString, response_serializer=None

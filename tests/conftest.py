@@ -16,9 +16,15 @@ import grpc
 import pytest
 
 from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat_service.limits import NO_LIMIT, Limits
 from chat_service.server import ChatServer, Config
 
 BIN = Path(sys.executable).parent
+UNLIMITED = Limits(rooms=NO_LIMIT, joins=NO_LIMIT, lines=NO_LIMIT)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unlimited: the `server` fixture runs without rate limits (the test floods)")
 
 
 def executable(name: str) -> str:
@@ -41,9 +47,10 @@ async def running(config: Config) -> AsyncIterator[ChatServer]:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[ChatServer]:
-    """A real grpc.aio chat server on 127.0.0.1, port 0, in this event loop."""
-    async with running(Config(port=0, grace_seconds=1.0)) as chat:
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[ChatServer]:
+    """A real grpc.aio chat server on 127.0.0.1, port 0, in this event loop; without rate limits if marked so."""
+    limits = UNLIMITED if request.node.get_closest_marker("unlimited") else Limits()
+    async with running(Config(port=0, grace_seconds=1.0, limits=limits)) as chat:
         yield chat
 
 

@@ -7,10 +7,14 @@ import contextlib
 
 
 class Proxy:
-    """Forwards 127.0.0.1:`port` to a target port; `freeze` stalls every byte, `cut` kills every connection."""
+    """Forwards 127.0.0.1:`port` to a target port; `freeze` stalls every byte, `cut` kills every connection.
 
-    def __init__(self, target_port: int) -> None:
+    With `source` (any 127.x.y.z is local on Linux) the server sees the proxy's clients come from that address.
+    """
+
+    def __init__(self, target_port: int, source: str | None = None) -> None:
         self._target_port = target_port
+        self._source = source
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._open = True
@@ -60,7 +64,10 @@ class Proxy:
             client_writer.transport.abort()
             return
         try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+            local = (self._source, 0) if self._source is not None else None
+            server_reader, server_writer = await asyncio.open_connection(
+                "127.0.0.1", self._target_port, local_addr=local
+            )
         except OSError:
             client_writer.transport.abort()
             return

@@ -16,8 +16,10 @@ TIMEOUT = 10.0
 class Stream:
     """One Chat stream: send requests, and read its events one at a time whatever their batching."""
 
-    def __init__(self, stub: chat_pb2_grpc.ChatServiceAsyncStub) -> None:
-        self.call = stub.Chat()
+    def __init__(
+        self, stub: chat_pb2_grpc.ChatServiceAsyncStub, metadata: tuple[tuple[str, str], ...] | None = None
+    ) -> None:
+        self.call = stub.Chat(metadata=metadata)
         self._pending: deque[pb.Event] = deque()
         self.batches = 0
 

@@ -48,6 +48,17 @@ def test_kill_ejects_the_members(server_process: ServerProcess) -> None:
     assert run_admin(server_process, "ls").stdout == "no rooms yet; /create ROOM makes one\n"
 
 
+def test_prune_closes_the_empty_rooms_and_says_which(server_process: ServerProcess) -> None:
+    create_rooms(server_process, "attic", "cellar")
+    with chat(server_process) as alice:
+        alice.send("/create lobby alice")
+        alice.expect("* room lobby created")
+        pruned = run_admin(server_process, "prune")
+        assert (pruned.returncode, pruned.stdout, pruned.stderr) == (0, "pruned 2 empty rooms: attic, cellar\n", "")
+        again = run_admin(server_process, stdin="/prune\n")
+        assert (again.returncode, again.stdout) == (0, "no empty rooms to prune\n")
+
+
 def test_kill_unknown_room(server_process: ServerProcess) -> None:
     result = run_admin(server_process, "kill", "nowhere")
     assert result.returncode == 1

@@ -20,6 +20,7 @@ from chat_cli.commands import (
     Kill,
     Leave,
     Ls,
+    Prune,
     Quit,
     Say,
     Whisper,
@@ -90,6 +91,8 @@ def test_parse(line: str, expected: Command | None) -> None:
         ("/kill lobby", Kill("lobby")),
         ("/kill", Invalid("usage: /kill ROOM")),
         ("/kill a b", Invalid("usage: /kill ROOM")),
+        ("/prune", Prune()),
+        ("/prune lobby", Invalid("usage: /prune (it takes no arguments)")),
         ("/help", Help()),
         ("/quit", Quit()),
         ("/exit", Quit()),
@@ -121,7 +124,7 @@ def test_usage_lists_every_command(command: str) -> None:
     assert command in USAGE
 
 
-@pytest.mark.parametrize("command", ["/ls", "/kill ROOM", "/help", "/quit"])
+@pytest.mark.parametrize("command", ["/ls", "/kill ROOM", "/prune", "/help", "/quit"])
 def test_admin_usage_lists_every_command(command: str) -> None:
     assert command in ADMIN_USAGE
 
@@ -204,6 +207,14 @@ def test_render_event(incoming: Incoming, me: str, line: str) -> None:
     assert render.event(incoming, me) == line
 
 
+def test_render_rate_limited_error_says_how_long_to_wait() -> None:
+    error = pb.Error(code=pb.ERROR_CODE_RATE_LIMITED, message="you are sending lines too fast (at most 5 a second)")
+    error.retry_after.FromMilliseconds(1500)
+    assert render.event(pb.Event(error=error), "bob") == (
+        "error: slow down: you are sending lines too fast (at most 5 a second) (try again in 1.5 s)"
+    )
+
+
 @pytest.fixture
 def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Local time is UTC for the duration of the test."""
@@ -252,6 +263,8 @@ def test_render_rooms(listed: list[pb.Room], lines: list[str]) -> None:
         (render.killed("lobby", 2), "room lobby killed; 2 members sent back to waiting"),
         (render.killed("lobby", 1), "room lobby killed; 1 member sent back to waiting"),
         (render.error("no such room"), "error: no such room"),
+        (render.pruned([]), "no empty rooms to prune"),
+        (render.pruned(["attic", "cellar"]), "pruned 2 empty rooms: attic, cellar"),
         (render.pending("hello"), "(pending) hello"),
         (render.pending("psst", "bob"), "(pending whisper to bob) psst"),
     ],

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import grpc
+import pytest
 
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service.server import ChatServer
@@ -59,6 +60,7 @@ async def _doomed(stub: Stub, name: str, joined_all: asyncio.Event) -> list[int]
     return [event.message.seq for event in events if event.WhichOneof("kind") == "message"]
 
 
+@pytest.mark.unlimited
 async def test_many_members_chat_at_once_with_a_kill_in_the_middle(stub: Stub, server: ChatServer) -> None:
     rooms = ["alpha", "beta", "doomed"]
     for room in rooms:

@@ -20,7 +20,7 @@ from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.rooms import DEFAULT_WRITE_SLOTS
 from chat_service.server import ChatServer, Config
-from tests.conftest import ServerProcess, executable, running, start_server_process
+from tests.conftest import UNLIMITED, ServerProcess, executable, running, start_server_process
 from tests.proxy import Proxy
 from tests.streams import Stream
 
@@ -77,7 +77,7 @@ async def test_killed_client_process_is_removed(stub: Stub, server: ChatServer) 
 
 @pytest.fixture
 async def small_queue_server() -> AsyncIterator[ChatServer]:
-    async with running(Config(port=0, queue_limit=16, grace_seconds=1.0)) as chat:
+    async with running(Config(port=0, queue_limit=16, grace_seconds=1.0, limits=UNLIMITED)) as chat:
         yield chat
 
 
@@ -214,6 +214,7 @@ async def test_member_behind_a_dead_network_is_removed_by_keepalive(fast_keepali
         assert (left.name, left.reason) == ("bob", pb.LEAVE_REASON_DISCONNECTED)
 
 
+@pytest.mark.unlimited
 async def test_clients_that_never_read_cannot_hold_up_other_rooms(server: ChatServer) -> None:
     # Each non-reader's write blocks on HTTP/2 flow control once its window is full; more of them than the
     # server has write slots must still leave every other room's delivery running.

@@ -100,6 +100,7 @@ class Burst:
         return events
 
 
+@pytest.mark.unlimited
 async def test_burst_through_a_cut_reaches_every_member_exactly_once(
     stub: chat_pb2_grpc.ChatServiceAsyncStub, proxy: Proxy
 ) -> None:

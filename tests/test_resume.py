@@ -14,7 +14,7 @@ import pytest
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.server import ChatServer, Config
-from tests.conftest import running, start_server_process
+from tests.conftest import UNLIMITED, running, start_server_process
 from tests.streams import Stream
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ async def test_resume_while_the_old_stream_lives_swaps_it_quietly(stub: Stub) ->
 
 
 async def test_a_gap_larger_than_history_is_counted_and_the_sequence_goes_on() -> None:
-    async with serving(Config(port=0, history=10, grace_seconds=1.0)) as stub:
+    async with serving(Config(port=0, history=10, grace_seconds=1.0, limits=UNLIMITED)) as stub:
         alice, _ = await Stream.joined(stub, "r", "alice", create=True)
         bob, joined = await Stream.joined(stub, "r", "bob")
         await _drop(bob)

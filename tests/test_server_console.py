@@ -24,6 +24,13 @@ def test_console_lists_and_kills_rooms(tmp_path: Path) -> None:
         term.type("/ls\r")
         term.expect("no rooms")
         with grpc.insecure_channel(f"127.0.0.1:{port.group()}") as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            for room in ("lobby", "attic", "cellar"):
+                stub.CreateRoom(pb.CreateRoomRequest(room=room))
+        term.expect("New room cellar created")
+        term.type("/prune\r")
+        term.expect("pruned 3 empty rooms: attic, cellar, lobby")
+        with grpc.insecure_channel(f"127.0.0.1:{port.group()}") as channel:
             chat_pb2_grpc.ChatServiceStub(channel).CreateRoom(pb.CreateRoomRequest(room="lobby"))
         term.expect("New room lobby created")
         term.type("/ls\r")

@@ -49,8 +49,8 @@ async def test_session_tracks_state_and_members(server: ChatServer) -> None:
 
 @pytest.fixture
 def small_queue_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    """A `chat-server` process that drops a member as soon as 16 events wait for it."""
-    server = start_server_process(tmp_path / "state", "--max-queue", "16")
+    """A `chat-server` process that drops a member as soon as 16 events wait for it, and lets lines flood."""
+    server = start_server_process(tmp_path / "state", "--max-queue", "16", "--lines-per-second", "0")
     try:
         yield server
     finally:
