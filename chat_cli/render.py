@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 from chat_service._pb.chat.v1 import chat_pb2
 
+# A member list longer than this is told as a count: a crowd's names would fill the screen.
+MEMBERS_NAMED = 10
 _LEFT_SUFFIX = {
     chat_pb2.LEAVE_REASON_DISCONNECTED: " (connection lost)",
     chat_pb2.LEAVE_REASON_TOO_SLOW: " (too slow, disconnected)",
@@ -35,6 +37,8 @@ def event(incoming: Incoming, me: str) -> str:
     if kind == "member_left":
         left = incoming.member_left
         return f"* {left.name} left{_LEFT_SUFFIX.get(left.reason, '')}"
+    if kind == "members":
+        return members_now(incoming.members.names)
     if kind == "room_closed":
         return room_closed(incoming.room_closed)
     if kind == "error":
@@ -79,6 +83,13 @@ def pending(text: str, recipient: str | None = None) -> str:
     if recipient is not None:
         return f"(pending whisper to {recipient}) {text}"
     return f"(pending) {text}"
+
+
+def members_now(names: Sequence[str]) -> str:
+    """The member list that replaces a run of joins and leaves: the names, or only their count when there are many."""
+    if len(names) > MEMBERS_NAMED:
+        return f"* {len(names):,} members now"
+    return f"* members now: {', '.join(names)}"
 
 
 def room_closed(event: chat_pb2.RoomClosed) -> str:
