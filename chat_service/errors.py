@@ -20,6 +20,8 @@ class ErrorKind(enum.Enum):
     TOO_SLOW = enum.auto()
     RESUMED_ELSEWHERE = enum.auto()
     ROOM_LIMIT = enum.auto()
+    MEMBER_LIMIT = enum.auto()
+    JOIN_TIMEOUT = enum.auto()
 
 
 class ChatError(Exception):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import hmac
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar, cast
 
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import (
@@ -19,6 +20,7 @@ from chat_service.events import (
     LeaveReason,
     MemberJoined,
     MemberLeft,
+    Members,
     Message,
     Problem,
     Resume,
@@ -26,7 +28,7 @@ from chat_service.events import (
     RoomInfo,
     Whisper,
 )
-from chat_service.history import DEFAULT_HISTORY, History
+from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, History, HistoryBudget, unsized
 from chat_service.registry import DEFAULT_NAME
 from chat_service.validation import check_client_id, check_name, check_text
 
@@ -41,8 +43,15 @@ DEFAULT_SLOT_HOLD_SECONDS = 0.1
 DEFAULT_RESUME_GRACE_SECONDS = 30.0
 # Rooms stay until killed, about 1.4 KiB each when empty: a cap keeps a script from filling the server's memory.
 DEFAULT_MAX_ROOMS = 10_000
+# Every name held (by a member, or for a resume) costs a stream and a queue: an idle member about 30 KiB.
+DEFAULT_MAX_MEMBERS = 50_000
 # How many of a member's recent client ids are remembered to recognise a re-sent line.
 SENT_IDS_KEPT = 256
+# Joins and leaves queued for one member before the rest of a run of them becomes one member list. A crowd of N
+# leaving at once would otherwise queue N events for each of the others, and overflow prompt readers' queues.
+PRESENCE_RUN = 8
+# Stands in a member's queue for the room's member list, made when it is written so that it is current then.
+_MEMBER_LIST = object()
 
 
 class WriteSlots:
@@ -122,15 +131,20 @@ class Lease:
 
 
 class _Room(Generic[T]):
-    __slots__ = ("history", "members", "name", "seats", "uid")
+    __slots__ = ("free_numbers", "history", "member_list", "members", "name", "next_number", "seats", "uid")
 
-    def __init__(self, name: str, history_limit: int) -> None:
+    def __init__(self, name: str, history: History[T]) -> None:
         self.name = name
         # Tokens carry the uid, so that a resume cannot land in a newer room that took the same name.
         self.uid = secrets.token_hex(6)
         self.members: dict[str, Member[T]] = {}
         self.seats: dict[str, _Seat[T]] = {}
-        self.history = History[T](history_limit)
+        self.history = history
+        # The encoded member list, made once per change of members however many members are sent it.
+        self.member_list: T | None = None
+        # Default names are numbered: the lowest number given back is reused first, from a heap, else the next new.
+        self.free_numbers: list[int] | None = None
+        self.next_number = 1
 
     def info(self) -> RoomInfo:
         return RoomInfo(self.name, len(self.members), self.history.last_seq)
@@ -139,10 +153,12 @@ class _Room(Generic[T]):
 class _Seat(Generic[T]):
     """A name held in a room across reconnects: by a live member, or reserved for a while after its stream broke."""
 
-    __slots__ = ("expiry", "member", "name", "sent", "token")
+    __slots__ = ("expiry", "member", "name", "number", "sent", "token")
 
-    def __init__(self, room: _Room[T], name: str) -> None:
+    def __init__(self, room: _Room[T], name: str, number: int = 0) -> None:
         self.name = name
+        # The default name's number, given back when the seat goes; 0 for a name the member chose.
+        self.number = number
         self.token = f"{room.uid}.{secrets.token_urlsafe(16)}"
         self.member: Member[T] | None = None
         self.expiry: asyncio.TimerHandle | None = None
@@ -171,7 +187,7 @@ class _Seat(Generic[T]):
 class Member(Generic[T]):
     """A membership of the in-memory registry; every method runs to completion without yielding."""
 
-    __slots__ = ("_backlog", "_dropped", "_queue", "_registry", "_room", "_seat", "_waiter")
+    __slots__ = ("_backlog", "_dropped", "_presence", "_queue", "_registry", "_room", "_seat", "_stale", "_waiter")
 
     def __init__(self, registry: MemoryRegistry[T], room: _Room[T], seat: _Seat[T], backlog: list[T]) -> None:
         self._registry = registry
@@ -180,6 +196,10 @@ class Member(Generic[T]):
         # The join's answer and its history, written before anything live and not counted against the bound.
         self._backlog: list[T] | None = backlog
         self._queue: deque[T] = deque()
+        # Joins and leaves queued since the queue was last empty; past PRESENCE_RUN, `_stale` holds a member list
+        # in the queue instead. They never count against the bound: a crowd coming or going never evicts anyone.
+        self._presence = 0
+        self._stale = False
         self._waiter: asyncio.Future[None] | None = None
         self._dropped: asyncio.Future[ChatError] = asyncio.get_running_loop().create_future()
 
@@ -235,7 +255,7 @@ class Member(Generic[T]):
         del room.members[self.name]
         self._registry.vacate(room, self._seat, reason)
         log.debug("%s left room %s (%s)", self.name, room.name, reason.name.lower())
-        self._registry.fan_out(room, MemberLeft(self.name, reason))
+        self._registry.announce(room, MemberLeft(self.name, reason))
 
     def report(self, error: ChatError) -> None:
         self.push(self._registry.encode(Problem(error)))
@@ -257,8 +277,9 @@ class Member(Generic[T]):
                     self._waiter = None
             lease = await slots.acquire()
             try:
-                if self._queue or self._backlog:
-                    await write(self._take())
+                batch = self._take() if self._queue or self._backlog else None
+                if batch:
+                    await write(batch)
             finally:
                 lease.release()
 
@@ -270,11 +291,36 @@ class Member(Generic[T]):
             self._backlog = rest or None
             limit -= len(batch)
             batch.extend(queue.popleft() for _ in range(min(limit, len(queue))))
-            return batch
-        if len(queue) <= limit:
+            if not queue:
+                self._presence = 0
+        elif len(queue) <= limit:
             self._queue = deque()
-            return list(queue)
-        return [queue.popleft() for _ in range(limit)]
+            self._presence = 0
+            batch = list(queue)
+        else:
+            batch = [queue.popleft() for _ in range(limit)]
+        if self._stale:
+            self._list_members(batch)
+        return batch
+
+    def _list_members(self, batch: list[T]) -> None:
+        """Put the room's member list, as it is now, where the batch holds its placeholder (if this batch does)."""
+        for index, item in enumerate(batch):
+            if item is _MEMBER_LIST:
+                room = self._room
+                if room is None:
+                    # The membership has ended; its last event (left, or the room closed) says more than a list.
+                    del batch[index]
+                else:
+                    batch[index] = self._registry.member_list(room)
+                # Every join and leave before the placeholder has been taken with it: the count starts again.
+                self._stale = False
+                self._presence = 0
+                return
+
+    def _full(self) -> bool:
+        """Whether the queue holds the bound's worth of events besides joins and leaves."""
+        return len(self._queue) - self._presence >= self._registry.queue_limit
 
     def _resent(self, client_id: str) -> bool:
         """Give a re-sent line's original event back to this member alone; False if the id is new."""
@@ -289,7 +335,7 @@ class Member(Generic[T]):
         if self._room is None:
             # The stream's last event (RoomClosed) is already queued; nothing may follow it.
             return
-        if len(self._queue) >= self._registry.queue_limit:
+        if len(self._queue) >= self._registry.queue_limit and self._full():
             self._registry.evict(self)
             return
         self._queue.append(item)
@@ -335,16 +381,23 @@ class MemoryRegistry(Generic[T]):
         batch_limit: int = DEFAULT_BATCH_LIMIT,
         write_slots: int = DEFAULT_WRITE_SLOTS,
         history_limit: int = DEFAULT_HISTORY,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        size: Callable[[T], int] = unsized,
         resume_grace: float = DEFAULT_RESUME_GRACE_SECONDS,
         max_rooms: int = DEFAULT_MAX_ROOMS,
+        max_members: int = DEFAULT_MAX_MEMBERS,
     ) -> None:
         self.encode = encode
         self.queue_limit = queue_limit
         self.batch_limit = batch_limit
         self.slots = WriteSlots(write_slots)
         self.history_limit = history_limit
+        self.history_budget = HistoryBudget(history_bytes, size)
         self.resume_grace = resume_grace
         self.max_rooms = max_rooms
+        self.max_members = max_members
+        # Names held server-wide, by members and for resumes: what --max-members caps.
+        self.seated = 0
         self._rooms: dict[str, _Room[T]] = {}
         self._closed = False
 
@@ -370,6 +423,7 @@ class MemoryRegistry(Generic[T]):
             check_name(name, "member")
         if resume is not None:
             return self._resume(room, name, resume)
+        self._check_member_limit()
         target = self._create(room) if create else self._rooms.get(room)
         if target is None:
             raise ChatError(
@@ -378,8 +432,7 @@ class MemoryRegistry(Generic[T]):
             )
         if name in target.seats:
             raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
-        seat = _Seat(target, name or _free_default(target.seats))
-        target.seats[seat.name] = seat
+        seat = self._seat(target, name) if name else self._seat(target, *_free_default(target))
         return self._admit(target, seat, target.history.last(history), lost=0, created=create, resumed=False)
 
     def _resume(self, room: str, name: str, resume: Resume) -> Member[T]:
@@ -392,7 +445,8 @@ class MemoryRegistry(Generic[T]):
         seat = target.seats.get(name)
         if seat is None:
             # The grace period ran out, but the name is free: come back under it, with whatever history holds.
-            seat = target.seats[name] = _Seat(target, name)
+            self._check_member_limit()
+            seat = self._seat(target, name)
         elif not hmac.compare_digest(seat.token, resume.token):
             raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
         seat.cancel_expiry()
@@ -424,7 +478,7 @@ class MemoryRegistry(Generic[T]):
         )
         member = Member(self, room, seat, [self.encode(joined), *replay])
         if not swap:
-            self.fan_out(room, MemberJoined(seat.name, returned=resumed))
+            self.announce(room, MemberJoined(seat.name, returned=resumed))
         room.members[seat.name] = seat.member = member
         log.debug("%s joined room %s", seat.name, room.name)
         return member
@@ -442,10 +496,27 @@ class MemoryRegistry(Generic[T]):
         if seat.member is None:
             self._unseat(room, seat)
 
+    def _seat(self, room: _Room[T], name: str, number: int = 0) -> _Seat[T]:
+        seat = room.seats[name] = _Seat(room, name, number)
+        self.seated += 1
+        return seat
+
     def _unseat(self, room: _Room[T], seat: _Seat[T]) -> None:
         seat.cancel_expiry()
         if room.seats.get(seat.name) is seat:
             del room.seats[seat.name]
+            self.seated -= 1
+            if seat.number:
+                if room.free_numbers is None:
+                    room.free_numbers = []
+                heapq.heappush(room.free_numbers, seat.number)
+
+    def _check_member_limit(self) -> None:
+        if self.seated >= self.max_members:
+            raise ChatError(
+                ErrorKind.MEMBER_LIMIT,
+                f"the server has reached its limit of members ({self.max_members}); try again later",
+            )
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -456,37 +527,53 @@ class MemoryRegistry(Generic[T]):
     def fan_out(self, room: _Room[T], event: Event) -> T:
         """Encode `event` once, queue it for every member of `room` in the same order for all, and return it."""
         item = self.encode(event)
-        slow = self._queue_for_all(room, item)
-        # Each eviction is announced to the rest, which can overflow more queues. Everyone full is dropped before
-        # any announcement, in rounds rather than by recursion, so that a room of stalled members costs neither
-        # the stack nor a quadratic worklist.
-        while slow:
-            dropped = [member for member in slow if self._drop(member)]
-            overflowed: dict[Member[T], None] = {}
-            for member in dropped:
-                left = self.encode(MemberLeft(member.name, LeaveReason.TOO_SLOW))
-                overflowed.update(dict.fromkeys(self._queue_for_all(room, left)))
-            slow = list(overflowed)
-        return item
-
-    def evict(self, member: Member[T]) -> None:
-        """Drop a member whose queue is full, so the rest of its room is never held up by it."""
-        room = member._room
-        if room is not None and self._drop(member):
-            self.fan_out(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
-
-    def _queue_for_all(self, room: _Room[T], item: T) -> list[Member[T]]:
-        """Queue `item` for every member with room for it; return the members whose queues are full."""
         limit = self.queue_limit
         slow: list[Member[T]] = []
         for member in room.members.values():
             queue = member._queue
-            if len(queue) >= limit:
+            if len(queue) >= limit and member._full():
                 slow.append(member)
                 continue
             queue.append(item)
             member.wake()
-        return slow
+        if slow:
+            self._evict_all(room, slow)
+        return item
+
+    def announce(self, room: _Room[T], event: MemberJoined | MemberLeft) -> None:
+        """Queue a join or leave for every member of `room`; one with a run of them queued gets the member list."""
+        item = self.encode(event)
+        room.member_list = None
+        placeholder = cast(T, _MEMBER_LIST)
+        for member in room.members.values():
+            if member._stale:
+                continue
+            if member._presence >= PRESENCE_RUN:
+                member._stale = True
+                member._queue.append(placeholder)
+            else:
+                member._queue.append(item)
+            member._presence += 1
+            member.wake()
+
+    def member_list(self, room: _Room[T]) -> T:
+        """The room's members now, encoded once for every member that is sent the list."""
+        if room.member_list is None:
+            room.member_list = self.encode(Members(tuple(sorted(room.members))))
+        return room.member_list
+
+    def evict(self, member: Member[T]) -> None:
+        """Drop a member whose queue is full, so the rest of its room is never held up by it."""
+        room = member._room
+        if room is not None:
+            self._evict_all(room, [member])
+
+    def _evict_all(self, room: _Room[T], slow: list[Member[T]]) -> None:
+        # Everyone full is dropped before any is announced, so that a room of stalled members is not told of
+        # each other's going: announcing to the rest alone keeps it linear.
+        dropped = [member for member in slow if self._drop(member)]
+        for member in dropped:
+            self.announce(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
 
     def _drop(self, member: Member[T]) -> bool:
         """Take a too-slow member out of its room and tell its stream why; False if it had already gone."""
@@ -494,7 +581,10 @@ class MemoryRegistry(Generic[T]):
         if room is None:
             return False
         del room.members[member.name]
-        self._unseat(room, member._seat)
+        seat = member._seat
+        # Nothing else refers to a dropped member once its stream ends: freed at once, not by a rare full collection.
+        seat.member = None
+        self._unseat(room, seat)
         member.drop(
             ChatError(
                 ErrorKind.TOO_SLOW,
@@ -517,7 +607,7 @@ class MemoryRegistry(Generic[T]):
                 f"the server has reached its limit of rooms ({self.max_rooms}); /join one of them, or ask an "
                 "admin to /kill rooms nobody uses",
             )
-        created = self._rooms[room] = _Room[T](room, self.history_limit)
+        created = self._rooms[room] = _Room[T](room, History(self.history_limit, self.history_budget))
         log.info("New room %s created", room)
         return created
 
@@ -527,7 +617,10 @@ class MemoryRegistry(Generic[T]):
         room.members.clear()
         for seat in room.seats.values():
             seat.cancel_expiry()
+            seat.member = None
+        self.seated -= len(room.seats)
         room.seats.clear()
+        room.history.clear()
         for member in members:
             member.end_with(item)
         return len(members)
@@ -540,10 +633,21 @@ def _taken(room: _Room[T], name: str) -> str:
     return f"someone in room {room.name!r} is already called {name!r}; pick another name"
 
 
-def _free_default(taken: Mapping[str, object]) -> str:
-    if DEFAULT_NAME not in taken:
-        return DEFAULT_NAME
-    number = 2
-    while f"{DEFAULT_NAME}-{number}" in taken:
-        number += 1
-    return f"{DEFAULT_NAME}-{number}"
+def _free_default(room: _Room[T]) -> tuple[str, int]:
+    """The lowest default name given back and free, else the next new one: O(log n), not a scan of every name."""
+    taken = room.seats
+    free = room.free_numbers
+    while free:
+        number = heapq.heappop(free)
+        if _numbered(number) not in taken:
+            return _numbered(number), number
+    # A name a member chose can take a number out of turn; it is skipped, and not handed out later either.
+    while _numbered(room.next_number) in taken:
+        room.next_number += 1
+    number = room.next_number
+    room.next_number += 1
+    return _numbered(number), number
+
+
+def _numbered(number: int) -> str:
+    return DEFAULT_NAME if number == 1 else f"{DEFAULT_NAME}-{number}"
