@@ -13,9 +13,10 @@ from pathlib import Path
 
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from chat_service.history import DEFAULT_HISTORY
-from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
-from chat_service.server import Config, run
+from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
+from chat_service.rooms import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
+from chat_service.server import DEFAULT_MAX_STREAMS_PER_CONNECTION, Config, run
+from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"recent messages each room keeps for joins and resumes; 0 keeps none (default: {DEFAULT_HISTORY})",
     )
     parser.add_argument(
+        "--history-bytes",
+        type=_at_least(0),
+        default=DEFAULT_HISTORY_BYTES,
+        metavar="BYTES",
+        help="bytes all rooms' history may hold together; past it the oldest messages on the server go first "
+        f"(default: {DEFAULT_HISTORY_BYTES}, 256 MiB)",
+    )
+    parser.add_argument(
         "--resume-grace",
         type=float,
         default=DEFAULT_RESUME_GRACE_SECONDS,
@@ -56,6 +65,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_ROOMS,
         metavar="N",
         help=f"rooms the server holds at most; creating one more is refused (default: {DEFAULT_MAX_ROOMS})",
+    )
+    parser.add_argument(
+        "--max-members",
+        type=_at_least(1),
+        default=DEFAULT_MAX_MEMBERS,
+        metavar="N",
+        help="names the server holds at most, by members and for resumes; one more join is refused "
+        f"(default: {DEFAULT_MAX_MEMBERS})",
+    )
+    parser.add_argument(
+        "--max-streams-per-connection",
+        type=_at_least(1),
+        default=DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        metavar="N",
+        help="streams one connection may have open at once; its further streams wait "
+        f"(default: {DEFAULT_MAX_STREAMS_PER_CONNECTION})",
+    )
+    parser.add_argument(
+        "--join-timeout",
+        type=float,
+        default=DEFAULT_JOIN_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="how long a new stream may take to join a room before it is ended "
+        f"(default: {DEFAULT_JOIN_TIMEOUT_SECONDS:g})",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG shows joins and leaves (default: INFO)")
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
@@ -74,8 +107,12 @@ def main(argv: list[str] | None = None) -> None:
             admin_token_file=args.admin_token_file,
             queue_limit=args.max_queue,
             history=args.history,
+            history_bytes=args.history_bytes,
             resume_grace_seconds=args.resume_grace,
             max_rooms=args.max_rooms,
+            max_members=args.max_members,
+            max_streams_per_connection=args.max_streams_per_connection,
+            join_timeout_seconds=args.join_timeout,
         )
         _tune_gc()
         try:

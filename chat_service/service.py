@@ -18,6 +18,8 @@ from chat_service.status import status_code
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 CLIENT_CLOSE_GRACE_SECONDS = 5.0
+# A stream costs the server about 22 KiB before it joins; one that never does is ended after this long.
+DEFAULT_JOIN_TIMEOUT_SECONDS = 10.0
 
 Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
 
@@ -25,8 +27,9 @@ Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
 class ChatServicer:
     """Serves chat.v1.ChatService from a registry whose events are already encoded batch pieces."""
 
-    def __init__(self, registry: Registry[bytes]) -> None:
+    def __init__(self, registry: Registry[bytes], join_timeout: float = DEFAULT_JOIN_TIMEOUT_SECONDS) -> None:
         self._registry = registry
+        self._join_timeout = join_timeout
 
     async def ListRooms(
         self, request: pb.ListRoomsRequest, context: grpc.aio.ServicerContext[object, object]
@@ -79,7 +82,18 @@ class ChatServicer:
             await member.leave(LeaveReason.DISCONNECTED)
 
     async def _join(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> Membership[bytes] | None:
-        """Read requests until one joins a room; every other request gets an error event."""
+        """Read requests until one joins a room, within the join timeout; every other request gets an error event."""
+        try:
+            async with asyncio.timeout(self._join_timeout):
+                return await self._first_join(requests, context)
+        except TimeoutError:
+            error = ChatError(
+                ErrorKind.JOIN_TIMEOUT,
+                f"no room was joined within {self._join_timeout:g} s of opening the stream; send join first",
+            )
+            await context.abort(status_code(error.kind), error.message)
+
+    async def _first_join(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> Membership[bytes] | None:
         while (request := await anext(requests, None)) is not None:
             if request.WhichOneof("action") != "join":
                 error = ChatError(ErrorKind.NOT_JOINED, "you are not in a room yet; send join first")
