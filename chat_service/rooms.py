@@ -43,7 +43,7 @@ DEFAULT_SLOT_HOLD_SECONDS = 0.1
 DEFAULT_RESUME_GRACE_SECONDS = 30.0
 # Rooms stay until killed, about 1.4 KiB each when empty: a cap keeps a script from filling the server's memory.
 DEFAULT_MAX_ROOMS = 10_000
-# Every name held (by a member, or for a resume) costs a stream and a queue: an idle member about 30 KiB.
+# Names held server-wide, by members (an idle one costs about 30 KiB) and for resumes.
 DEFAULT_MAX_MEMBERS = 50_000
 # How many of a member's recent client ids are remembered to recognise a re-sent line.
 SENT_IDS_KEPT = 256
@@ -569,8 +569,8 @@ class MemoryRegistry(Generic[T]):
             self._evict_all(room, [member])
 
     def _evict_all(self, room: _Room[T], slow: list[Member[T]]) -> None:
-        # Everyone full is dropped before any is announced, so that a room of stalled members is not told of
-        # each other's going: announcing to the rest alone keeps it linear.
+        # Everyone full is dropped before any is announced, so that a room of stalled members is not told of each
+        # other's going: only those who stay hear of it.
         dropped = [member for member in slow if self._drop(member)]
         for member in dropped:
             self.announce(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
