@@ -43,7 +43,18 @@ class ServerProcess:
     """A running `chat-server --port 0`; its stdout is drained by a thread so it never blocks on a full pipe."""
 
     def __init__(self, max_queue: int | None = None) -> None:
-        args = [executable(), "--host", "127.0.0.1", "--port", "0", "--no-console", *UNLIMITED]
+        # Every stream is opened before the first wave joins, which takes longer than the default join timeout.
+        args = [
+            executable(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-console",
+            *UNLIMITED,
+            "--join-timeout",
+            "3600",
+        ]
         if max_queue is not None:
             args += ["--max-queue", str(max_queue)]
         # A token in the environment keeps the server from writing a token file into the user's state dir.

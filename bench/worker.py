@@ -213,8 +213,9 @@ class _Member:
 
     def _other(self, event: pb.Event) -> None:
         kind = event.WhichOneof("kind")
-        if kind == "member_joined":
-            self.room_count += 1
+        if kind in ("member_joined", "members"):
+            # A wave of joins can reach a member as one member list instead of a MemberJoined each.
+            self.room_count = len(event.members.names) if kind == "members" else self.room_count + 1
             if self.lagging and self.room_count >= self.worker.targets[self.spec.room]:
                 self._caught_up()
         elif kind == "member_left":

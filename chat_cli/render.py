@@ -15,6 +15,8 @@ from chat_service._pb.chat.v1 import chat_pb2
 # accepts; escaping whatever arrives is the second wall, should a server or a stored name ever let one through.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
 
+# A member list longer than this is told as a count: a crowd's names would fill the screen.
+MEMBERS_NAMED = 10
 _LEFT_SUFFIX = {
     chat_pb2.LEAVE_REASON_DISCONNECTED: " (connection lost)",
     chat_pb2.LEAVE_REASON_TOO_SLOW: " (too slow, disconnected)",
@@ -55,6 +57,8 @@ def _event(incoming: Incoming, me: str) -> str:
     if kind == "member_left":
         left = incoming.member_left
         return f"* {left.name} left{_LEFT_SUFFIX.get(left.reason, '')}"
+    if kind == "members":
+        return members_now(incoming.members.names)
     if kind == "room_closed":
         return room_closed(incoming.room_closed)
     if kind == "error":
@@ -99,6 +103,13 @@ def pending(text: str, recipient: str | None = None) -> str:
     if recipient is not None:
         return safe(f"(pending whisper to {recipient}) {text}")
     return safe(f"(pending) {text}")
+
+
+def members_now(names: Sequence[str]) -> str:
+    """The member list that replaces a run of joins and leaves: the names, or only their count when there are many."""
+    if len(names) > MEMBERS_NAMED:
+        return f"* {len(names):,} members now"
+    return f"* members now: {', '.join(names)}"
 
 
 def room_closed(event: chat_pb2.RoomClosed) -> str:

@@ -426,6 +426,8 @@ class Session:
             stay.members.add(event.member_joined.name)
         elif kind == "member_left":
             stay.members.discard(event.member_left.name)
+        elif kind == "members":
+            stay.members = set(event.members.names)
         elif kind == "error" and stream.in_flight:
             stay.unacked.pop(stream.in_flight.popleft(), None)
         elif kind == "room_closed":

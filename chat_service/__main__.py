@@ -16,7 +16,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 
 from chat_service import logs
 from chat_service.admin_token import TokenFileError
-from chat_service.history import DEFAULT_HISTORY
+from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
 from chat_service.limits import (
     DEFAULT_JOIN_BURST,
     DEFAULT_JOINS_PER_SECOND,
@@ -28,8 +28,9 @@ from chat_service.limits import (
     Limits,
     Rate,
 )
-from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
-from chat_service.server import Config, Tls, run
+from chat_service.rooms import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
+from chat_service.server import DEFAULT_MAX_STREAMS_PER_CONNECTION, Config, Tls, run
+from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -61,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"recent messages each room keeps for joins and resumes; 0 keeps none (default: {DEFAULT_HISTORY})",
     )
     parser.add_argument(
+        "--history-bytes",
+        type=_at_least(0),
+        default=DEFAULT_HISTORY_BYTES,
+        metavar="BYTES",
+        help="bytes all rooms' history may hold together; past it the oldest messages on the server go first "
+        f"(default: {DEFAULT_HISTORY_BYTES}, 256 MiB)",
+    )
+    parser.add_argument(
         "--resume-grace",
         type=_seconds,
         default=DEFAULT_RESUME_GRACE_SECONDS,
@@ -74,6 +83,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_ROOMS,
         metavar="N",
         help=f"rooms the server holds at most; creating one more is refused (default: {DEFAULT_MAX_ROOMS})",
+    )
+    parser.add_argument(
+        "--max-members",
+        type=_at_least(1),
+        default=DEFAULT_MAX_MEMBERS,
+        metavar="N",
+        help="names the server holds at most, by members and for resumes; one more join is refused "
+        f"(default: {DEFAULT_MAX_MEMBERS})",
+    )
+    parser.add_argument(
+        "--max-streams-per-connection",
+        type=_at_least(1),
+        default=DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        metavar="N",
+        help="streams one connection may have open at once; its further streams wait "
+        f"(default: {DEFAULT_MAX_STREAMS_PER_CONNECTION})",
+    )
+    parser.add_argument(
+        "--join-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_JOIN_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="how long a new stream may take to join a room before it is ended "
+        f"(default: {DEFAULT_JOIN_TIMEOUT_SECONDS:g})",
     )
     parser.add_argument(
         "--empty-room-ttl",
@@ -139,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             admin_token_file=args.admin_token_file,
             queue_limit=args.max_queue,
             history=args.history,
+            history_bytes=args.history_bytes,
             resume_grace_seconds=args.resume_grace,
             max_rooms=args.max_rooms,
             tls=_tls(args),
@@ -149,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
                 lines=Rate(args.lines_per_second, args.line_burst),
                 max_addresses=args.tracked_addresses,
             ),
+            max_members=args.max_members,
+            max_streams_per_connection=args.max_streams_per_connection,
+            join_timeout_seconds=args.join_timeout,
         )
         _tune_gc()
         try:

@@ -10,6 +10,7 @@ from chat_service.events import (
     LeaveReason,
     MemberJoined,
     MemberLeft,
+    Members,
     Message,
     Problem,
     RoomClosed,
@@ -58,6 +59,8 @@ def to_proto(event: Event) -> pb.Event:
             return pb.Event(member_joined=pb.MemberJoined(name=name, returned=returned))
         case MemberLeft(name, reason):
             return pb.Event(member_left=pb.MemberLeft(name=name, reason=_LEAVE_REASONS[reason]))
+        case Members(names):
+            return pb.Event(members=pb.Members(names=names))
         case RoomClosed(room, reason):
             return pb.Event(room_closed=pb.RoomClosed(room=room, reason=_CLOSE_REASONS[reason]))
         case Problem(error):

@@ -21,6 +21,8 @@ class ErrorKind(enum.Enum):
     RESUMED_ELSEWHERE = enum.auto()
     ROOM_LIMIT = enum.auto()
     RATE_LIMITED = enum.auto()
+    MEMBER_LIMIT = enum.auto()
+    JOIN_TIMEOUT = enum.auto()
 
 
 class ChatError(Exception):

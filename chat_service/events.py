@@ -94,6 +94,13 @@ class MemberLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class Members:
+    """Everyone in the room now, sorted: sent in place of a run of MemberJoined and MemberLeft events."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RoomClosed:
     """The room is gone; nothing follows this event."""
 
@@ -108,4 +115,4 @@ class Problem:
     error: ChatError
 
 
-Event = Joined | Message | Whisper | MemberJoined | MemberLeft | RoomClosed | Problem
+Event = Joined | Message | Whisper | MemberJoined | MemberLeft | Members | RoomClosed | Problem

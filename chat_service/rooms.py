@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import heapq
 import hmac
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar, cast
 
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import (
@@ -20,6 +21,7 @@ from chat_service.events import (
     LeaveReason,
     MemberJoined,
     MemberLeft,
+    Members,
     Message,
     Problem,
     Resume,
@@ -27,7 +29,7 @@ from chat_service.events import (
     RoomInfo,
     Whisper,
 )
-from chat_service.history import DEFAULT_HISTORY, History
+from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, History, HistoryBudget, unsized
 from chat_service.registry import DEFAULT_NAME
 from chat_service.validation import check_client_id, check_name, check_text, name_key
 
@@ -42,8 +44,15 @@ DEFAULT_SLOT_HOLD_SECONDS = 0.1
 DEFAULT_RESUME_GRACE_SECONDS = 30.0
 # Rooms stay until killed, about 1.4 KiB each when empty: a cap keeps a script from filling the server's memory.
 DEFAULT_MAX_ROOMS = 10_000
+# Names held server-wide, by members (an idle one costs about 30 KiB) and for resumes.
+DEFAULT_MAX_MEMBERS = 50_000
 # How many of a member's recent client ids are remembered to recognise a re-sent line.
 SENT_IDS_KEPT = 256
+# Joins and leaves queued for one member before the rest of a run of them becomes one member list. A crowd of N
+# leaving at once would otherwise queue N events for each of the others, and overflow prompt readers' queues.
+PRESENCE_RUN = 8
+# Stands in a member's queue for the room's member list, made when it is written so that it is current then.
+_MEMBER_LIST = object()
 
 
 class WriteSlots:
@@ -123,9 +132,9 @@ class Lease:
 
 
 class _Room(Generic[T]):
-    __slots__ = ("history", "members", "name", "seats", "secret", "uid")
+    __slots__ = ("free_numbers", "history", "member_list", "members", "name", "next_number", "seats", "secret", "uid")
 
-    def __init__(self, name: str, history_limit: int) -> None:
+    def __init__(self, name: str, history: History[T]) -> None:
         self.name = name
         # Tokens carry the uid, so that a resume cannot land in a newer room that took the same name.
         self.uid = secrets.token_hex(6)
@@ -133,7 +142,12 @@ class _Room(Generic[T]):
         # Both keyed by name_key(name): names that could be taken for each other on screen are one name.
         self.members: dict[str, Member[T]] = {}
         self.seats: dict[str, _Seat[T]] = {}
-        self.history = History[T](history_limit)
+        self.history = history
+        # The encoded member list, made once per change of members however many members are sent it.
+        self.member_list: T | None = None
+        # Default names are numbered: the lowest number given back is reused first, from a heap, else the next new.
+        self.free_numbers: list[int] | None = None
+        self.next_number = 1
 
     def info(self) -> RoomInfo:
         return RoomInfo(self.name, len(self.members), self.history.last_seq)
@@ -142,11 +156,13 @@ class _Room(Generic[T]):
 class _Seat(Generic[T]):
     """A name held in a room across reconnects: by a live member, or reserved for a while after its stream broke."""
 
-    __slots__ = ("expiry", "key", "member", "name", "sent", "token")
+    __slots__ = ("expiry", "key", "member", "name", "number", "sent", "token")
 
-    def __init__(self, room: _Room[T], name: str) -> None:
+    def __init__(self, room: _Room[T], name: str, number: int = 0) -> None:
         self.name = name
         self.key = name_key(name)
+        # The default name's number, given back when the seat goes; 0 for a name the member chose.
+        self.number = number
         self.token = _issue_token(room, self.key, secrets.token_urlsafe(12))
         self.member: Member[T] | None = None
         self.expiry: asyncio.TimerHandle | None = None
@@ -175,7 +191,7 @@ class _Seat(Generic[T]):
 class Member(Generic[T]):
     """A membership of the in-memory registry; every method runs to completion without yielding."""
 
-    __slots__ = ("_backlog", "_dropped", "_queue", "_registry", "_room", "_seat", "_waiter")
+    __slots__ = ("_backlog", "_dropped", "_presence", "_queue", "_registry", "_room", "_seat", "_stale", "_waiter")
 
     def __init__(self, registry: MemoryRegistry[T], room: _Room[T], seat: _Seat[T], backlog: list[T]) -> None:
         self._registry = registry
@@ -184,6 +200,10 @@ class Member(Generic[T]):
         # The join's answer and its history, written before anything live and not counted against the bound.
         self._backlog: list[T] | None = backlog
         self._queue: deque[T] = deque()
+        # Joins and leaves queued since the queue was last empty; past PRESENCE_RUN, `_stale` holds a member list
+        # in the queue instead. They never count against the bound: a crowd coming or going never evicts anyone.
+        self._presence = 0
+        self._stale = False
         self._waiter: asyncio.Future[None] | None = None
         self._dropped: asyncio.Future[ChatError] = asyncio.get_running_loop().create_future()
 
@@ -240,7 +260,7 @@ class Member(Generic[T]):
         del room.members[self._seat.key]
         self._registry.vacate(room, self._seat, reason)
         log.debug("%s left room %s (%s)", self.name, room.name, reason.name.lower())
-        self._registry.fan_out(room, MemberLeft(self.name, reason))
+        self._registry.announce(room, MemberLeft(self.name, reason))
 
     def report(self, error: ChatError) -> None:
         self.push(self._registry.encode(Problem(error)))
@@ -262,8 +282,9 @@ class Member(Generic[T]):
                     self._waiter = None
             lease = await slots.acquire()
             try:
-                if self._queue or self._backlog:
-                    await write(self._take())
+                batch = self._take() if self._queue or self._backlog else None
+                if batch:
+                    await write(batch)
             finally:
                 lease.release()
 
@@ -275,11 +296,36 @@ class Member(Generic[T]):
             self._backlog = rest or None
             limit -= len(batch)
             batch.extend(queue.popleft() for _ in range(min(limit, len(queue))))
-            return batch
-        if len(queue) <= limit:
+            if not queue:
+                self._presence = 0
+        elif len(queue) <= limit:
             self._queue = deque()
-            return list(queue)
-        return [queue.popleft() for _ in range(limit)]
+            self._presence = 0
+            batch = list(queue)
+        else:
+            batch = [queue.popleft() for _ in range(limit)]
+        if self._stale:
+            self._list_members(batch)
+        return batch
+
+    def _list_members(self, batch: list[T]) -> None:
+        """Put the room's member list, as it is now, where the batch holds its placeholder (if this batch does)."""
+        for index, item in enumerate(batch):
+            if item is _MEMBER_LIST:
+                room = self._room
+                if room is None:
+                    # The membership has ended; its last event (left, or the room closed) says more than a list.
+                    del batch[index]
+                else:
+                    batch[index] = self._registry.member_list(room)
+                # Every join and leave before the placeholder has been taken with it: the count starts again.
+                self._stale = False
+                self._presence = 0
+                return
+
+    def _full(self) -> bool:
+        """Whether the queue holds the bound's worth of events besides joins and leaves."""
+        return len(self._queue) - self._presence >= self._registry.queue_limit
 
     def _resent(self, client_id: str) -> bool:
         """Give a re-sent line's original event back to this member alone; False if the id is new."""
@@ -294,7 +340,7 @@ class Member(Generic[T]):
         if self._room is None:
             # The stream's last event (RoomClosed) is already queued; nothing may follow it.
             return
-        if len(self._queue) >= self._registry.queue_limit:
+        if len(self._queue) >= self._registry.queue_limit and self._full():
             self._registry.evict(self)
             return
         self._queue.append(item)
@@ -340,8 +386,11 @@ class MemoryRegistry(Generic[T]):
         batch_limit: int = DEFAULT_BATCH_LIMIT,
         write_slots: int = DEFAULT_WRITE_SLOTS,
         history_limit: int = DEFAULT_HISTORY,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        size: Callable[[T], int] = unsized,
         resume_grace: float = DEFAULT_RESUME_GRACE_SECONDS,
         max_rooms: int = DEFAULT_MAX_ROOMS,
+        max_members: int = DEFAULT_MAX_MEMBERS,
         empty_room_ttl: float | None = None,
     ) -> None:
         self.encode = encode
@@ -349,8 +398,12 @@ class MemoryRegistry(Generic[T]):
         self.batch_limit = batch_limit
         self.slots = WriteSlots(write_slots)
         self.history_limit = history_limit
+        self.history_budget = HistoryBudget(history_bytes, size)
         self.resume_grace = resume_grace
         self.max_rooms = max_rooms
+        self.max_members = max_members
+        # Names held server-wide, by members and for resumes: what --max-members caps.
+        self.seated = 0
         self._rooms: dict[str, _Room[T]] = {}
         self._closed = False
         self.empty_room_ttl = empty_room_ttl
@@ -412,16 +465,16 @@ class MemoryRegistry(Generic[T]):
             name = check_name(name, "member")
         if resume is not None:
             return self._resume(room, name, resume)
+        self._check_member_limit()
         target = self._create(room) if create else self._rooms.get(name_key(room))
         if target is None:
             raise ChatError(
                 ErrorKind.ROOM_NOT_FOUND,
                 f"room {room!r} does not exist; /ls lists rooms, /create {room} makes it",
             )
-        seat = _Seat(target, name or _free_default(target.seats))
-        if seat.key in target.seats:
-            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, seat))
-        target.seats[seat.key] = seat
+        if name and name_key(name) in target.seats:
+            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
+        seat = self._seat(target, name) if name else self._seat(target, *_free_default(target))
         return self._admit(target, seat, target.history.last(history), lost=0, created=create, resumed=False)
 
     def _resume(self, room: str, name: str, resume: Resume) -> Member[T]:
@@ -442,9 +495,10 @@ class MemoryRegistry(Generic[T]):
                     f"this resume token was not issued for the name {name!r} in room {target.name!r}; join "
                     "without resuming to enter under that name",
                 )
-            seat = target.seats[key] = _Seat(target, name)
+            self._check_member_limit()
+            seat = self._seat(target, name)
         elif not _same_token(seat.token, resume.token):
-            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, seat))
+            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
         seat.cancel_expiry()
         replay, lost = target.history.after(resume.last_seq)
         previous = seat.member
@@ -475,7 +529,7 @@ class MemoryRegistry(Generic[T]):
         )
         member = Member(self, room, seat, [self.encode(joined), *replay])
         if not swap:
-            self.fan_out(room, MemberJoined(seat.name, returned=resumed))
+            self.announce(room, MemberJoined(seat.name, returned=resumed))
         room.members[seat.key] = seat.member = member
         log.debug("%s joined room %s", seat.name, room.name)
         return member
@@ -493,10 +547,28 @@ class MemoryRegistry(Generic[T]):
         if seat.member is None:
             self._unseat(room, seat)
 
+    def _seat(self, room: _Room[T], name: str, number: int = 0) -> _Seat[T]:
+        seat = _Seat(room, name, number)
+        room.seats[seat.key] = seat
+        self.seated += 1
+        return seat
+
     def _unseat(self, room: _Room[T], seat: _Seat[T]) -> None:
         seat.cancel_expiry()
         if room.seats.get(seat.key) is seat:
             del room.seats[seat.key]
+            self.seated -= 1
+            if seat.number:
+                if room.free_numbers is None:
+                    room.free_numbers = []
+                heapq.heappush(room.free_numbers, seat.number)
+
+    def _check_member_limit(self) -> None:
+        if self.seated >= self.max_members:
+            raise ChatError(
+                ErrorKind.MEMBER_LIMIT,
+                f"the server has reached its limit of members ({self.max_members}); try again later",
+            )
 
     async def shutdown(self) -> None:
         self._closed = True
@@ -509,37 +581,53 @@ class MemoryRegistry(Generic[T]):
     def fan_out(self, room: _Room[T], event: Event) -> T:
         """Encode `event` once, queue it for every member of `room` in the same order for all, and return it."""
         item = self.encode(event)
-        slow = self._queue_for_all(room, item)
-        # Each eviction is announced to the rest, which can overflow more queues. Everyone full is dropped before
-        # any announcement, in rounds rather than by recursion, so that a room of stalled members costs neither
-        # the stack nor a quadratic worklist.
-        while slow:
-            dropped = [member for member in slow if self._drop(member)]
-            overflowed: dict[Member[T], None] = {}
-            for member in dropped:
-                left = self.encode(MemberLeft(member.name, LeaveReason.TOO_SLOW))
-                overflowed.update(dict.fromkeys(self._queue_for_all(room, left)))
-            slow = list(overflowed)
-        return item
-
-    def evict(self, member: Member[T]) -> None:
-        """Drop a member whose queue is full, so the rest of its room is never held up by it."""
-        room = member._room
-        if room is not None and self._drop(member):
-            self.fan_out(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
-
-    def _queue_for_all(self, room: _Room[T], item: T) -> list[Member[T]]:
-        """Queue `item` for every member with room for it; return the members whose queues are full."""
         limit = self.queue_limit
         slow: list[Member[T]] = []
         for member in room.members.values():
             queue = member._queue
-            if len(queue) >= limit:
+            if len(queue) >= limit and member._full():
                 slow.append(member)
                 continue
             queue.append(item)
             member.wake()
-        return slow
+        if slow:
+            self._evict_all(room, slow)
+        return item
+
+    def announce(self, room: _Room[T], event: MemberJoined | MemberLeft) -> None:
+        """Queue a join or leave for every member of `room`; one with a run of them queued gets the member list."""
+        item = self.encode(event)
+        room.member_list = None
+        placeholder = cast(T, _MEMBER_LIST)
+        for member in room.members.values():
+            if member._stale:
+                continue
+            if member._presence >= PRESENCE_RUN:
+                member._stale = True
+                member._queue.append(placeholder)
+            else:
+                member._queue.append(item)
+            member._presence += 1
+            member.wake()
+
+    def member_list(self, room: _Room[T]) -> T:
+        """The room's members now, encoded once for every member that is sent the list."""
+        if room.member_list is None:
+            room.member_list = self.encode(Members(tuple(sorted(member.name for member in room.members.values()))))
+        return room.member_list
+
+    def evict(self, member: Member[T]) -> None:
+        """Drop a member whose queue is full, so the rest of its room is never held up by it."""
+        room = member._room
+        if room is not None:
+            self._evict_all(room, [member])
+
+    def _evict_all(self, room: _Room[T], slow: list[Member[T]]) -> None:
+        # Everyone full is dropped before any is announced, so that a room of stalled members is not told of each
+        # other's going: only those who stay hear of it.
+        dropped = [member for member in slow if self._drop(member)]
+        for member in dropped:
+            self.announce(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
 
     def _drop(self, member: Member[T]) -> bool:
         """Take a too-slow member out of its room and tell its stream why; False if it had already gone."""
@@ -547,7 +635,10 @@ class MemoryRegistry(Generic[T]):
         if room is None:
             return False
         del room.members[member._seat.key]
-        self._unseat(room, member._seat)
+        seat = member._seat
+        # Nothing else refers to a dropped member once its stream ends: freed at once, not by a rare full collection.
+        seat.member = None
+        self._unseat(room, seat)
         member.drop(
             ChatError(
                 ErrorKind.TOO_SLOW,
@@ -574,7 +665,7 @@ class MemoryRegistry(Generic[T]):
                 f"the server has reached its limit of rooms ({self.max_rooms}); /join one of them, or ask an "
                 "admin to /kill rooms nobody uses",
             )
-        created = self._rooms[key] = _Room[T](room, self.history_limit)
+        created = self._rooms[key] = _Room[T](room, History(self.history_limit, self.history_budget))
         log.info("New room %s created", room, extra={"room": room})
         self._schedule_sweep()
         return created
@@ -585,7 +676,10 @@ class MemoryRegistry(Generic[T]):
         room.members.clear()
         for seat in room.seats.values():
             seat.cancel_expiry()
+            seat.member = None
+        self.seated -= len(room.seats)
         room.seats.clear()
+        room.history.clear()
         for member in members:
             member.end_with(item)
         return len(members)
@@ -596,22 +690,32 @@ def _empty(room: _Room[T]) -> bool:
     return not room.members and not room.seats
 
 
-def _taken(room: _Room[T], wanted: _Seat[T]) -> str:
-    holder = room.seats[wanted.key]
-    name = (
-        repr(holder.name) if holder.name == wanted.name else f"{holder.name!r} (too like {wanted.name!r} to tell apart)"
-    )
+def _taken(room: _Room[T], wanted: str) -> str:
+    holder = room.seats[name_key(wanted)]
+    name = repr(holder.name) if holder.name == wanted else f"{holder.name!r} (too like {wanted!r} to tell apart)"
     if holder.member is None:
         return f"the name {name} in room {room.name!r} is held for a member whose connection dropped; pick another"
     return f"someone in room {room.name!r} is already called {name}; pick another name"
 
 
-def _free_default(taken: Mapping[str, object]) -> str:
-    name, number = DEFAULT_NAME, 1
-    while name_key(name) in taken:
-        number += 1
-        name = f"{DEFAULT_NAME}-{number}"
-    return name
+def _free_default(room: _Room[T]) -> tuple[str, int]:
+    """The lowest default name given back and free, else the next new one: O(log n), not a scan of every name."""
+    taken = room.seats
+    free = room.free_numbers
+    while free:
+        number = heapq.heappop(free)
+        if name_key(_numbered(number)) not in taken:
+            return _numbered(number), number
+    # A name a member chose can take a number out of turn; it is skipped, and not handed out later either.
+    while name_key(_numbered(room.next_number)) in taken:
+        room.next_number += 1
+    number = room.next_number
+    room.next_number += 1
+    return _numbered(number), number
+
+
+def _numbered(number: int) -> str:
+    return DEFAULT_NAME if number == 1 else f"{DEFAULT_NAME}-{number}"
 
 
 def _issue_token(room: _Room[T], key: str, nonce: str) -> str:

@@ -18,11 +18,17 @@ from grpc_reflection.v1alpha import reflection
 from chat_service import admin_token
 from chat_service.console import run_console
 from chat_service.encoding import encode
-from chat_service.history import DEFAULT_HISTORY
+from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
 from chat_service.limits import Limiter, Limits
 from chat_service.registry import Registry
-from chat_service.rooms import DEFAULT_MAX_ROOMS, DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, MemoryRegistry
-from chat_service.service import SERVICE_NAME, ChatServicer, handler
+from chat_service.rooms import (
+    DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_ROOMS,
+    DEFAULT_QUEUE_LIMIT,
+    DEFAULT_RESUME_GRACE_SECONDS,
+    MemoryRegistry,
+)
+from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS, SERVICE_NAME, ChatServicer, handler
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +38,13 @@ BACKLOG_OPTIONS: list[tuple[str, int]] = [
     ("grpc.server.max_pending_requests", 10_000),
     ("grpc.server.max_pending_requests_hard_limit", 20_000),
 ]
+# Streams open at once on one connection; the client's further streams wait for one to end. bench/ opens 64.
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
 
 
-def server_options(keepalive_seconds: float) -> list[tuple[str, int]]:
+def server_options(
+    keepalive_seconds: float, max_streams: int = DEFAULT_MAX_STREAMS_PER_CONNECTION
+) -> list[tuple[str, int]]:
     """gRPC server options; a silent peer is dropped about 1.5 x `keepalive_seconds` after it went quiet."""
     keepalive_ms = int(keepalive_seconds * 1000)
     ack_ms = max(keepalive_ms // 2, 500)
@@ -50,6 +60,7 @@ def server_options(keepalive_seconds: float) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 0),
         # Without this a second server on the same port would silently share it with the first.
         ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", max_streams),
         *BACKLOG_OPTIONS,
     ]
 
@@ -79,8 +90,12 @@ class Config:
     admin_token_file: Path | None = None
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     history: int = DEFAULT_HISTORY
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     resume_grace_seconds: float = DEFAULT_RESUME_GRACE_SECONDS
     max_rooms: int = DEFAULT_MAX_ROOMS
+    max_members: int = DEFAULT_MAX_MEMBERS
+    max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION
+    join_timeout_seconds: float = DEFAULT_JOIN_TIMEOUT_SECONDS
     empty_room_ttl: float | None = None
     limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 5.0
@@ -104,17 +119,25 @@ class ChatServer:
             encode,
             queue_limit=config.queue_limit,
             history_limit=config.history,
+            history_bytes=config.history_bytes,
+            size=len,
             resume_grace=config.resume_grace_seconds,
             max_rooms=config.max_rooms,
+            max_members=config.max_members,
             empty_room_ttl=config.empty_room_ttl,
         )
         self._token = _choose_token(config, token)
-        servicer = ChatServicer(self.registry, Limiter(config.limits, time.monotonic), self._token.value)
+        servicer = ChatServicer(
+            self.registry, Limiter(config.limits, time.monotonic), self._token.value, config.join_timeout_seconds
+        )
         self.health = _Health()
         self._guard = admin_token.AdminTokenInterceptor(
             self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom", f"/{SERVICE_NAME}/PruneRooms"})
         )
-        self._server = grpc.aio.server(interceptors=[self._guard], options=server_options(config.keepalive_seconds))
+        self._server = grpc.aio.server(
+            interceptors=[self._guard],
+            options=server_options(config.keepalive_seconds, config.max_streams_per_connection),
+        )
         self._server.add_generic_rpc_handlers([handler(servicer)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -22,6 +22,8 @@ from chat_service.status import status_code
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 CLIENT_CLOSE_GRACE_SECONDS = 5.0
+# A stream costs the server about 22 KiB before it joins; one that never does is ended after this long.
+DEFAULT_JOIN_TIMEOUT_SECONDS = 10.0
 
 Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
 
@@ -30,11 +32,16 @@ class ChatServicer:
     """Serves chat.v1.ChatService from a registry whose events are already encoded batch pieces."""
 
     def __init__(
-        self, registry: Registry[bytes], limiter: Limiter | None = None, admin_token: str | None = None
+        self,
+        registry: Registry[bytes],
+        limiter: Limiter | None = None,
+        admin_token: str | None = None,
+        join_timeout: float = DEFAULT_JOIN_TIMEOUT_SECONDS,
     ) -> None:
         self._registry = registry
         self._limiter = limiter
         self._admin_token = admin_token
+        self._join_timeout = join_timeout
 
     def _limiter_for(self, context: grpc.aio.ServicerContext[Any, Any]) -> Limiter | None:
         """The limiter for this call; None for a call that carries the admin token, which no limit applies to."""
@@ -104,7 +111,20 @@ class ChatServicer:
     async def _join(
         self, requests: AsyncIterator[pb.ChatRequest], context: Context, limiter: Limiter | None
     ) -> Membership[bytes] | None:
-        """Read requests until one joins a room; every other request gets an error event."""
+        """Read requests until one joins a room, within the join timeout; every other request gets an error event."""
+        try:
+            async with asyncio.timeout(self._join_timeout):
+                return await self._first_join(requests, context, limiter)
+        except TimeoutError:
+            error = ChatError(
+                ErrorKind.JOIN_TIMEOUT,
+                f"no room was joined within {self._join_timeout:g} s of opening the stream; send join first",
+            )
+            await context.abort(status_code(error.kind), error.message)
+
+    async def _first_join(
+        self, requests: AsyncIterator[pb.ChatRequest], context: Context, limiter: Limiter | None
+    ) -> Membership[bytes] | None:
         address = client_address(context.peer())
         while (request := await anext(requests, None)) is not None:
             if request.WhichOneof("action") != "join":

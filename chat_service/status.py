@@ -21,6 +21,8 @@ _TABLE: dict[ErrorKind, tuple[grpc.StatusCode, pb.ErrorCode.ValueType]] = {
     ErrorKind.RESUMED_ELSEWHERE: (grpc.StatusCode.ABORTED, pb.ERROR_CODE_UNSPECIFIED),
     ErrorKind.ROOM_LIMIT: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_ROOM_LIMIT),
     ErrorKind.RATE_LIMITED: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_RATE_LIMITED),
+    ErrorKind.MEMBER_LIMIT: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_MEMBER_LIMIT),
+    ErrorKind.JOIN_TIMEOUT: (grpc.StatusCode.DEADLINE_EXCEEDED, pb.ERROR_CODE_UNSPECIFIED),
 }
 
 

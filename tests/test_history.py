@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chat_service.events import Event, Joined, LeaveReason, Message, Resume
-from chat_service.history import History
+from chat_service.history import MESSAGE_OVERHEAD, History, HistoryBudget
 from chat_service.rooms import Member, MemoryRegistry
 
 
@@ -128,3 +128,28 @@ def test_replay_then_live_has_no_gap_and_no_duplicate(history_limit: int, batch_
     # Every message arrives once and in order, except exactly those the server said it could not recover: on
     # each resume, the oldest `lost` of the messages the member had missed.
     assert received == [seq for seq in range(1, said + 1) if seq not in lost]
+
+
+def test_the_byte_budget_drops_the_oldest_message_on_the_server_first() -> None:
+    budget = HistoryBudget[str](3 * (2 + MESSAGE_OVERHEAD), len)
+    quiet, busy = History[str](100, budget), History[str](100, budget)
+    quiet.append(1, "q1")
+    for seq in range(1, 4):
+        busy.append(seq, f"b{seq}")
+    assert (quiet.after(0), busy.after(0)) == (([], 1), (["b1", "b2", "b3"], 0))
+    busy.append(4, "b4")
+    assert busy.after(0) == (["b2", "b3", "b4"], 1)
+    quiet.append(2, "q2")
+    assert (quiet.after(0), busy.after(0)) == ((["q2"], 1), (["b3", "b4"], 2))
+    assert (budget.held, budget.kept) == (3 * (2 + MESSAGE_OVERHEAD), 3)
+    busy.clear()
+    assert (budget.held, budget.kept) == (2 + MESSAGE_OVERHEAD, 1)
+
+
+def test_the_budgets_order_forgets_messages_a_room_dropped_itself() -> None:
+    budget = HistoryBudget[str](10**9, len)
+    history = History[str](1, budget)
+    for seq in range(1, 20_001):
+        history.append(seq, "m")
+    assert budget.kept == 1
+    assert len(budget._order) <= 2 * budget.kept + 1024

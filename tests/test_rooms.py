@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
+from typing import Any
 
 import pytest
 
@@ -16,19 +18,21 @@ from chat_service.events import (
     LeaveReason,
     MemberJoined,
     MemberLeft,
+    Members,
     Message,
     Problem,
+    Resume,
     RoomClosed,
     Whisper,
 )
-from chat_service.rooms import Lease, Member, MemoryRegistry, WriteSlots
+from chat_service.rooms import PRESENCE_RUN, Lease, Member, MemoryRegistry, WriteSlots
 
 
 def _identity(event: Event) -> Event:
     return event
 
 
-def registry(**limits: int) -> MemoryRegistry[Event]:
+def registry(**limits: Any) -> MemoryRegistry[Event]:
     return MemoryRegistry(_identity, **limits)
 
 
@@ -285,17 +289,21 @@ async def test_a_room_of_stalled_members_is_evicted_at_once() -> None:
     for i in range(3000):
         stalled.append(await rooms.join("r", f"m{i}"))
         await take(sender)
+    filler = Message(0, "filler", "filler", 0)
     for member in stalled:
         member._queue.clear()
-        member._queue.extend([MemberJoined("filler")] * (limit - 1))
-    # Every stalled queue overflows at the same message, and each eviction is announced to the others.
+        member._queue.extend([filler] * (limit - 1))
+        member._presence = 0
+    # Every stalled queue overflows at the same message; the evictions reach the one who stays as a member list.
     await sender.say("fills")
     await sender.say("overflows")
     assert all(member.dropped.done() for member in stalled)
     assert [r.member_count for r in await rooms.list_rooms()] == [1]
-    left = [event for event in sender._queue if isinstance(event, MemberLeft)]
-    assert len(left) == 3000
+    events = await take(sender)
+    left = [event for event in events if isinstance(event, MemberLeft)]
+    assert len(left) == PRESENCE_RUN
     assert {event.reason for event in left} == {LeaveReason.TOO_SLOW}
+    assert events[-1] == Members(("sender",))
 
 
 async def test_write_slots_cap_writes_in_flight_and_serve_in_order() -> None:
@@ -355,3 +363,97 @@ async def test_events_arriving_while_waiting_for_a_slot_join_the_batch() -> None
     assert [e.text for e in batch if isinstance(e, Message)] == ["one", "two", "three"]
     await bob.leave()
     await asyncio.wait_for(delivering, 1)
+
+
+async def test_a_crowd_leaving_reaches_a_prompt_reader_as_one_member_list() -> None:
+    rooms = registry(queue_limit=16)
+    reader, talker = await settled(rooms, "reader", "talker")
+    crowd = [await rooms.join("r", f"c{i}") for i in range(100)]
+    await talker.say("before")
+    for member in crowd[:50]:
+        await member.leave()
+    await talker.say("after")
+    for member in crowd[50:]:
+        await member.leave(LeaveReason.DISCONNECTED)
+    assert not reader.dropped.done()
+    events = await take(reader)
+    # The first joins come one by one; the list stands for all the rest, as the room is when it is written, and no
+    # join or leave follows it.
+    assert [type(event) for event in events[:PRESENCE_RUN]] == [MemberJoined] * PRESENCE_RUN
+    assert events[PRESENCE_RUN] == Members(("reader", "talker"))
+    assert [event.text for event in events[PRESENCE_RUN + 1 :] if isinstance(event, Message)] == ["before", "after"]
+    assert len(events) == PRESENCE_RUN + 3
+    await rooms.join("r", "late")
+    assert await take(reader) == [MemberJoined("late")]
+
+
+async def test_joins_and_leaves_never_count_against_the_bound() -> None:
+    rooms = registry(queue_limit=4)
+    (idle,) = await settled(rooms, "idle")
+    for i in range(200):
+        await (await rooms.join("r", f"c{i}")).leave()
+    assert not idle.dropped.done()
+    assert len(idle._queue) <= PRESENCE_RUN + 1
+    sender = await rooms.join("r", "sender")
+    for i in range(4):
+        await sender.say(str(i))
+    assert not idle.dropped.done()
+    await sender.say("one too many")
+    assert idle.dropped.result().kind is ErrorKind.TOO_SLOW
+
+
+async def test_an_evicted_member_is_freed_without_a_garbage_collection() -> None:
+    rooms = registry(queue_limit=1)
+    fast, slow = await settled(rooms, "fast", "slow")
+    gc.collect()
+    gc.disable()
+    try:
+        del slow
+        await fast.say("fills")
+        await take(fast)
+        await fast.say("overflows")
+        assert [name for name, _ in _live_members()] == ["fast"]
+    finally:
+        gc.enable()
+
+
+def _live_members() -> list[tuple[str, Member[Event]]]:
+    return [(obj.name, obj) for obj in gc.get_objects() if isinstance(obj, Member)]
+
+
+async def test_default_names_take_the_lowest_number_given_back() -> None:
+    rooms = registry()
+    first, second, third = [await rooms.join("r", "", create=i == 0) for i in range(3)]
+    assert [m.name for m in (first, second, third)] == ["Unknown", "Unknown-2", "Unknown-3"]
+    await second.leave()
+    assert (await rooms.join("r", "")).name == "Unknown-2"
+    await rooms.join("r", "Unknown-4")
+    assert (await rooms.join("r", "")).name == "Unknown-5"
+    await first.leave(LeaveReason.DISCONNECTED)
+    # A name held for a resume is not handed out; once given back it is the lowest again.
+    assert (await rooms.join("r", "")).name == "Unknown-6"
+    await third.leave()
+    assert (await rooms.join("r", "")).name == "Unknown-3"
+
+
+async def test_members_past_the_limit_are_refused_counting_names_held_for_a_resume() -> None:
+    rooms = registry(max_members=2)
+    alice = await rooms.join("r", "alice", create=True)
+    bob = await rooms.join("r", "bob")
+    for attempt in (rooms.join("r", "carol"), rooms.join("other", "carol", create=True)):
+        with pytest.raises(ChatError) as info:
+            await attempt
+        assert info.value.kind is ErrorKind.MEMBER_LIMIT
+        assert "limit of members (2)" in info.value.message
+    assert [room.name for room in await rooms.list_rooms()] == ["r"]
+    token = drain(alice)[0].resume_token  # type: ignore[union-attr]
+    await alice.leave(LeaveReason.DISCONNECTED)
+    with pytest.raises(ChatError):
+        await rooms.join("r", "carol")
+    # The resume takes back the name it held: it is not one more.
+    alice = await rooms.join("r", "alice", resume=Resume(token, 0))
+    await bob.leave()
+    await rooms.join("r", "carol")
+    await rooms.kill_room("r")
+    await rooms.join("s", "dave", create=True)
+    await rooms.join("s", "erin")

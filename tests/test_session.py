@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from chat_cli import render
 from chat_cli.session import Session, SessionError
 from chat_service.server import ChatServer
 from tests.conftest import ServerProcess, start_server_process
@@ -133,3 +134,19 @@ async def test_each_line_carries_its_own_client_id(server: ChatServer) -> None:
         ids = [message.client_id for message in seen.messages] + [seen.whispers[0].client_id]
         assert [message.text for message in seen.messages] == ["one", "two"]
         assert all(ids) and len(set(ids)) == 3
+
+
+async def test_a_member_list_replaces_the_sessions_members(server: ChatServer) -> None:
+    saw = Recorder()
+    async with Session(server.address, saw) as alice:
+        await alice.connect()
+        await alice.create("lobby", "alice")
+        # Joined in one registry step each, with no await between them: the run reaches alice as one member list.
+        crowd = [await server.registry.join("lobby", f"c{i:02}") for i in range(20)]
+        await saw.until("members")
+        assert alice.who() == ("lobby", ["alice", *(f"c{i:02}" for i in range(20))])
+        for member in crowd:
+            await member.leave()
+        await saw.until_true(lambda: alice.who() == ("lobby", ["alice"]))
+    assert render.members_now(["alice", "bob"]) == "* members now: alice, bob"
+    assert render.members_now([f"c{i}" for i in range(1100)]) == "* 1,100 members now"
