@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service.encoding import encode
@@ -14,12 +17,18 @@ from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import LeaveReason, Problem, Resume, RoomInfo
 from chat_service.registry import Membership, Registry
 from chat_service.status import status_code
+from chat_service.throttled_log import ThrottledLog
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 CLIENT_CLOSE_GRACE_SECONDS = 5.0
 
-Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
+Context = grpc.aio.ServicerContext[bytes, bytes]
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+
+# Bad input is the client's mistake, not the server's: each is answered, and the log only samples them.
+_bad_input = ThrottledLog(logging.getLogger(__name__))
 
 
 class ChatServicer:
@@ -52,12 +61,12 @@ class ChatServicer:
             await _abort(context, error)
         return pb.KillRoomResponse(ejected_members=ejected)
 
-    async def Chat(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> None:
+    async def Chat(self, requests: AsyncIterator[bytes], context: Context) -> None:
         requests = aiter(requests)
         member = await self._join(requests, context)
         if member is None:
             return
-        reader = asyncio.create_task(_serve_requests(requests, member))
+        reader = asyncio.create_task(_serve_requests(requests, member, context))
         guard = _WriteGuard()
         member.dropped.add_done_callback(guard.interrupt)
         try:
@@ -78,16 +87,15 @@ class ChatServicer:
             reader.cancel()
             await member.leave(LeaveReason.DISCONNECTED)
 
-    async def _join(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> Membership[bytes] | None:
+    async def _join(self, requests: AsyncIterator[bytes], context: Context) -> Membership[bytes] | None:
         """Read requests until one joins a room; every other request gets an error event."""
-        while (request := await anext(requests, None)) is not None:
-            if request.WhichOneof("action") != "join":
-                error = ChatError(ErrorKind.NOT_JOINED, "you are not in a room yet; send join first")
-                await context.write(encode(Problem(error)))
-                continue
-            join = request.join
-            resume = Resume(join.resume.token, join.resume.last_seq) if join.HasField("resume") else None
+        while (raw := await anext(requests, None)) is not None:
             try:
+                request = _decode(pb.ChatRequest, raw, context)
+                if request.WhichOneof("action") != "join":
+                    raise ChatError(ErrorKind.NOT_JOINED, "you are not in a room yet; send join first")
+                join = request.join
+                resume = Resume(join.resume.token, join.resume.last_seq) if join.HasField("resume") else None
                 return await self._registry.join(
                     join.room, join.name, create=join.create, history=join.history, resume=resume
                 )
@@ -96,11 +104,12 @@ class ChatServicer:
         return None
 
 
-async def _serve_requests(requests: AsyncIterator[pb.ChatRequest], member: Membership[bytes]) -> None:
+async def _serve_requests(requests: AsyncIterator[bytes], member: Membership[bytes], context: Context) -> None:
     """Apply a joined member's requests in order, until `leave` or the end of the requests."""
-    async for request in requests:
-        action = request.WhichOneof("action")
+    async for raw in requests:
         try:
+            request = _decode(pb.ChatRequest, raw, context)
+            action = request.WhichOneof("action")
             if action == "say":
                 await member.say(request.say.text, request.say.client_id)
             elif action == "whisper":
@@ -157,32 +166,53 @@ async def _abort(context: grpc.aio.ServicerContext[object, object], error: ChatE
     await context.abort(status_code(error.kind), error.message)
 
 
+def _decode(message_type: type[Request], raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Request:
+    """`raw` parsed as `message_type`, or ChatError(BAD_REQUEST): left to gRPC, it fails UNKNOWN with a traceback."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        name = message_type.DESCRIPTOR.full_name
+        _bad_input.warning("undecodable", "undecodable %s (%d bytes) from %s", name, len(raw), context.peer())
+        raise ChatError(
+            ErrorKind.BAD_REQUEST,
+            f"the request is not a valid {name}: it is not protobuf of that type, or a string in it is not UTF-8",
+        ) from None
+
+
+def _unary(
+    method: Callable[[Request, grpc.aio.ServicerContext[object, object]], Awaitable[Response]],
+    request_type: type[Request],
+    response_type: type[Response],
+) -> grpc.RpcMethodHandler[bytes, Response]:
+    """A unary method handler that decodes its own request, so that a malformed one fails INVALID_ARGUMENT."""
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[object, object]) -> Response:
+        try:
+            request = _decode(request_type, raw, context)
+        except ChatError as error:
+            await _abort(context, error)
+        return await method(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=None, response_serializer=response_type.SerializeToString
+    )
+
+
 def _room(info: RoomInfo) -> pb.Room:
     return pb.Room(name=info.name, member_count=info.member_count, last_seq=info.last_seq)
 
 
 def handler(servicer: ChatServicer) -> grpc.GenericRpcHandler:
-    """The service's method table; Chat's responses are pre-encoded bytes, so they are written as they are."""
+    """The service's method table. Requests arrive as bytes and each handler decodes its own (see `_decode`);
+    Chat's responses are pre-encoded bytes, so they are written as they are."""
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "ListRooms": grpc.unary_unary_rpc_method_handler(
-                servicer.ListRooms,
-                request_deserializer=pb.ListRoomsRequest.FromString,
-                response_serializer=pb.ListRoomsResponse.SerializeToString,
-            ),
-            "CreateRoom": grpc.unary_unary_rpc_method_handler(
-                servicer.CreateRoom,
-                request_deserializer=pb.CreateRoomRequest.FromString,
-                response_serializer=pb.CreateRoomResponse.SerializeToString,
-            ),
-            "KillRoom": grpc.unary_unary_rpc_method_handler(
-                servicer.KillRoom,
-                request_deserializer=pb.KillRoomRequest.FromString,
-                response_serializer=pb.KillRoomResponse.SerializeToString,
-            ),
+            "ListRooms": _unary(servicer.ListRooms, pb.ListRoomsRequest, pb.ListRoomsResponse),
+            "CreateRoom": _unary(servicer.CreateRoom, pb.CreateRoomRequest, pb.CreateRoomResponse),
+            "KillRoom": _unary(servicer.KillRoom, pb.KillRoomRequest, pb.KillRoomResponse),
             "Chat": grpc.stream_stream_rpc_method_handler(
-                servicer.Chat, request_deserializer=pb.ChatRequest.FromString, response_serializer=None
+                servicer.Chat, request_deserializer=None, response_serializer=None
             ),
         },
     )
