@@ -393,7 +393,8 @@ class MemoryRegistry(Generic[T]):
         if seat is None:
             # The grace period ran out, but the name is free: come back under it, with whatever history holds.
             seat = target.seats[name] = _Seat(target, name)
-        elif not hmac.compare_digest(seat.token, resume.token):
+        # compare_digest refuses str with non-ASCII characters (TypeError); bytes it compares whatever they hold.
+        elif not hmac.compare_digest(seat.token.encode(), resume.token.encode("utf-8", "surrogatepass")):
             raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
         seat.cancel_expiry()
         replay, lost = target.history.after(resume.last_seq)

@@ -85,6 +85,19 @@ async def test_an_undecodable_frame_gets_an_error_event_and_the_stream_lives_on(
     assert (await bob.next()).message.text == "still here"
 
 
+async def test_a_resume_token_with_a_non_ascii_tail_is_refused_as_a_wrong_one(stub: Stub) -> None:
+    alice, joined = await Stream.joined(stub, "r", "alice", create=True)
+    thief = Stream(stub)
+    resume = pb.ChatRequest.Resume(token=joined.resume_token[:-1] + "é", last_seq=0)
+    await thief.call.write(pb.ChatRequest(join=pb.ChatRequest.JoinRoom(room="r", name="alice", resume=resume)))
+    assert (await thief.next()).error.code == pb.ERROR_CODE_NAME_TAKEN
+    # The refusal leaves both streams as they were: the thief may try again, alice still chats.
+    await thief.join("r", "mallory")
+    assert (await thief.next()).joined.name == "mallory"
+    await alice.say("mine")
+    assert (await alice.next_of("message")).message.text == "mine"
+
+
 async def test_a_flood_of_bad_requests_logs_a_line_or_two_and_no_traceback(server_process: ServerProcess) -> None:
     async with grpc.aio.insecure_channel(server_process.address) as channel:
         create: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/chat.v1.ChatService/CreateRoom")
