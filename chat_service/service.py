@@ -117,6 +117,10 @@ async def _serve_requests(requests: AsyncIterator[bytes], member: Membership[byt
                 await member.whisper(whisper.recipient, whisper.text, whisper.client_id)
             elif action == "leave":
                 await member.leave()
+                # Ending the call under requests the client still sends would fail its writes (grpc.aio calls
+                # that INTERNAL), so whatever follows a leave is read and ignored until the client half-closes.
+                async for _ in requests:
+                    pass
                 return
             elif action == "join":
                 raise ChatError(

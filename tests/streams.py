@@ -50,7 +50,9 @@ class Stream:
         await self.call.write(pb.ChatRequest(whisper=pb.ChatRequest.SendWhisper(recipient=recipient, text=text)))
 
     async def leave(self) -> None:
+        """Leave and half-close, as a well-behaved client does; the server ends the stream once it has both."""
         await self.call.write(pb.ChatRequest(leave=pb.ChatRequest.LeaveRoom()))
+        await self.call.done_writing()
 
     async def next(self, timeout: float = TIMEOUT) -> pb.Event:
         """The next event; fails the test if none comes within `timeout` or the stream ends."""

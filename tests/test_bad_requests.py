@@ -98,6 +98,31 @@ async def test_a_resume_token_with_a_non_ascii_tail_is_refused_as_a_wrong_one(st
     assert (await alice.next_of("message")).message.text == "mine"
 
 
+async def _leave_then_write(channel: grpc.aio.Channel, name: str, *, half_close: bool) -> grpc.StatusCode:
+    call = raw_chat(channel)
+    await call.write(_join("r", name))
+    assert (await _next_event(call)).joined.name == name
+    await call.write(pb.ChatRequest(leave=pb.ChatRequest.LeaveRoom()).SerializeToString())
+    for line in ("one", "two", "three"):
+        await call.write(_say(line))
+    if half_close:
+        await call.done_writing()
+    # Without a half-close the server ends the call itself a few seconds after the leave.
+    while await asyncio.wait_for(call.read(), 2 * TIMEOUT) is not grpc.aio.EOF:
+        pass
+    return await call.code()
+
+
+async def test_requests_written_after_leave_end_the_call_cleanly(channel: grpc.aio.Channel, stub: Stub) -> None:
+    await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
+    # Most clients half-close after their last write; a few never do, and those wait out the server's grace.
+    runs = [_leave_then_write(channel, f"m{i}", half_close=i % 10 != 0) for i in range(200)]
+    codes = await asyncio.wait_for(asyncio.gather(*runs), 60)
+    assert set(codes) == {grpc.StatusCode.OK}
+    rooms = {room.name: room.member_count for room in (await stub.ListRooms(pb.ListRoomsRequest())).rooms}
+    assert rooms == {"r": 0}
+
+
 async def test_a_flood_of_bad_requests_logs_a_line_or_two_and_no_traceback(server_process: ServerProcess) -> None:
     async with grpc.aio.insecure_channel(server_process.address) as channel:
         create: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/chat.v1.ChatService/CreateRoom")
