@@ -10,7 +10,7 @@ NODE_TEST_DEPS := tests/node/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: all proto run client admin test lint bench bench-bare clean
+.PHONY: all proto run client admin test fuzz lint bench bench-bare clean
 
 all: proto
 
@@ -61,6 +61,11 @@ lint: proto $(BUF)
 ## test: install everything, lint, and run the whole test suite
 test: proto lint $(NODE_TEST_DEPS)
 	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## fuzz: the adversarial suite with many more cases and a fresh seed (FUZZ_CASES=N, FUZZ_SEED=N to replay one)
+fuzz: proto
+	FUZZ_CASES=$(or $(FUZZ_CASES),40000) FUZZ_SEED=$(or $(FUZZ_SEED),$(shell date +%s)) \
+		$(BIN)/python -m pytest -o timeout=1800 tests/test_fuzz.py
 
 ## bench: the fan-out benchmark (QUICK=1 for small shapes)
 bench: proto

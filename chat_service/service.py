@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service.admin_token import carries_token
@@ -18,6 +20,7 @@ from chat_service.events import LeaveReason, Problem, Resume, RoomInfo
 from chat_service.limits import Limiter, client_address
 from chat_service.registry import Membership, Registry
 from chat_service.status import status_code
+from chat_service.throttled_log import ThrottledLog
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 
@@ -25,7 +28,12 @@ CLIENT_CLOSE_GRACE_SECONDS = 5.0
 # A stream costs the server about 22 KiB before it joins; one that never does is ended after this long.
 DEFAULT_JOIN_TIMEOUT_SECONDS = 10.0
 
-Context = grpc.aio.ServicerContext[pb.ChatRequest, bytes]
+Context = grpc.aio.ServicerContext[bytes, bytes]
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+
+# Bad input is the client's mistake, not the server's: each is answered, and the log only samples them.
+_bad_input = ThrottledLog(logging.getLogger(__name__))
 
 
 class ChatServicer:
@@ -81,13 +89,13 @@ class ChatServicer:
     ) -> pb.PruneRoomsResponse:
         return pb.PruneRoomsResponse(rooms=await self._registry.prune_rooms())
 
-    async def Chat(self, requests: AsyncIterator[pb.ChatRequest], context: Context) -> None:
+    async def Chat(self, requests: AsyncIterator[bytes], context: Context) -> None:
         requests = aiter(requests)
         limiter = self._limiter_for(context)
         member = await self._join(requests, context, limiter)
         if member is None:
             return
-        reader = asyncio.create_task(_serve_requests(requests, member, limiter))
+        reader = asyncio.create_task(_serve_requests(requests, member, context, limiter))
         guard = _WriteGuard()
         member.dropped.add_done_callback(guard.interrupt)
         try:
@@ -109,7 +117,7 @@ class ChatServicer:
             await member.leave(LeaveReason.DISCONNECTED)
 
     async def _join(
-        self, requests: AsyncIterator[pb.ChatRequest], context: Context, limiter: Limiter | None
+        self, requests: AsyncIterator[bytes], context: Context, limiter: Limiter | None
     ) -> Membership[bytes] | None:
         """Read requests until one joins a room, within the join timeout; every other request gets an error event."""
         try:
@@ -123,17 +131,16 @@ class ChatServicer:
             await context.abort(status_code(error.kind), error.message)
 
     async def _first_join(
-        self, requests: AsyncIterator[pb.ChatRequest], context: Context, limiter: Limiter | None
+        self, requests: AsyncIterator[bytes], context: Context, limiter: Limiter | None
     ) -> Membership[bytes] | None:
         address = client_address(context.peer())
-        while (request := await anext(requests, None)) is not None:
-            if request.WhichOneof("action") != "join":
-                error = ChatError(ErrorKind.NOT_JOINED, "you are not in a room yet; send join first")
-                await context.write(encode(Problem(error)))
-                continue
-            join = request.join
-            resume = Resume(join.resume.token, join.resume.last_seq) if join.HasField("resume") else None
+        while (raw := await anext(requests, None)) is not None:
             try:
+                request = _decode(pb.ChatRequest, raw, context)
+                if request.WhichOneof("action") != "join":
+                    raise ChatError(ErrorKind.NOT_JOINED, "you are not in a room yet; send join first")
+                join = request.join
+                resume = Resume(join.resume.token, join.resume.last_seq) if join.HasField("resume") else None
                 if limiter is not None:
                     limiter.join(address)
                     if join.create:
@@ -147,13 +154,14 @@ class ChatServicer:
 
 
 async def _serve_requests(
-    requests: AsyncIterator[pb.ChatRequest], member: Membership[bytes], limiter: Limiter | None
+    requests: AsyncIterator[bytes], member: Membership[bytes], context: Context, limiter: Limiter | None
 ) -> None:
     """Apply a joined member's requests in order, until `leave` or the end of the requests."""
     lines = limiter.lines() if limiter is not None else None
-    async for request in requests:
-        action = request.WhichOneof("action")
+    async for raw in requests:
         try:
+            request = _decode(pb.ChatRequest, raw, context)
+            action = request.WhichOneof("action")
             if action == "say":
                 if lines is not None:
                     lines.charge()
@@ -165,6 +173,10 @@ async def _serve_requests(
                 await member.whisper(whisper.recipient, whisper.text, whisper.client_id)
             elif action == "leave":
                 await member.leave()
+                # Ending the call under requests the client still sends would fail its writes (grpc.aio calls
+                # that INTERNAL), so whatever follows a leave is read and ignored until the client half-closes.
+                async for _ in requests:
+                    pass
                 return
             elif action == "join":
                 raise ChatError(
@@ -218,37 +230,54 @@ async def _abort(context: grpc.aio.ServicerContext[object, object], error: ChatE
     await context.abort(status_code(error.kind), message)
 
 
+def _decode(message_type: type[Request], raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Request:
+    """`raw` parsed as `message_type`, or ChatError(BAD_REQUEST): left to gRPC, it fails UNKNOWN with a traceback."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        name = message_type.DESCRIPTOR.full_name
+        _bad_input.warning("undecodable", "undecodable %s (%d bytes) from %s", name, len(raw), context.peer())
+        raise ChatError(
+            ErrorKind.BAD_REQUEST,
+            f"the request is not a valid {name}: it is not protobuf of that type, or a string in it is not UTF-8",
+        ) from None
+
+
+def _unary(
+    method: Callable[[Request, grpc.aio.ServicerContext[object, object]], Awaitable[Response]],
+    request_type: type[Request],
+    response_type: type[Response],
+) -> grpc.RpcMethodHandler[bytes, Response]:
+    """A unary method handler that decodes its own request, so that a malformed one fails INVALID_ARGUMENT."""
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext[object, object]) -> Response:
+        try:
+            request = _decode(request_type, raw, context)
+        except ChatError as error:
+            await _abort(context, error)
+        return await method(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=None, response_serializer=response_type.SerializeToString
+    )
+
+
 def _room(info: RoomInfo) -> pb.Room:
     return pb.Room(name=info.name, member_count=info.member_count, last_seq=info.last_seq)
 
 
 def handler(servicer: ChatServicer) -> grpc.GenericRpcHandler:
-    """The service's method table; Chat's responses are pre-encoded bytes, so they are written as they are."""
+    """The service's method table. Requests arrive as bytes and each handler decodes its own (see `_decode`);
+    Chat's responses are pre-encoded bytes, so they are written as they are."""
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {
-            "ListRooms": grpc.unary_unary_rpc_method_handler(
-                servicer.ListRooms,
-                request_deserializer=pb.ListRoomsRequest.FromString,
-                response_serializer=pb.ListRoomsResponse.SerializeToString,
-            ),
-            "CreateRoom": grpc.unary_unary_rpc_method_handler(
-                servicer.CreateRoom,
-                request_deserializer=pb.CreateRoomRequest.FromString,
-                response_serializer=pb.CreateRoomResponse.SerializeToString,
-            ),
-            "KillRoom": grpc.unary_unary_rpc_method_handler(
-                servicer.KillRoom,
-                request_deserializer=pb.KillRoomRequest.FromString,
-                response_serializer=pb.KillRoomResponse.SerializeToString,
-            ),
-            "PruneRooms": grpc.unary_unary_rpc_method_handler(
-                servicer.PruneRooms,
-                request_deserializer=pb.PruneRoomsRequest.FromString,
-                response_serializer=pb.PruneRoomsResponse.SerializeToString,
-            ),
+            "ListRooms": _unary(servicer.ListRooms, pb.ListRoomsRequest, pb.ListRoomsResponse),
+            "CreateRoom": _unary(servicer.CreateRoom, pb.CreateRoomRequest, pb.CreateRoomResponse),
+            "KillRoom": _unary(servicer.KillRoom, pb.KillRoomRequest, pb.KillRoomResponse),
+            "PruneRooms": _unary(servicer.PruneRooms, pb.PruneRoomsRequest, pb.PruneRoomsResponse),
             "Chat": grpc.stream_stream_rpc_method_handler(
-                servicer.Chat, request_deserializer=pb.ChatRequest.FromString, response_serializer=None
+                servicer.Chat, request_deserializer=None, response_serializer=None
             ),
         },
     )

@@ -21,6 +21,8 @@ from chat_service.server import ChatServer, Config
 
 BIN = Path(sys.executable).parent
 UNLIMITED = Limits(rooms=NO_LIMIT, joins=NO_LIMIT, lines=NO_LIMIT)
+# The same for the executable, for tests that flood from one address on purpose.
+UNLIMITED_FLAGS = ("--rooms-per-minute", "0", "--joins-per-second", "0", "--lines-per-second", "0")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,4 +1,4 @@
-"""A thin test driver for one Chat stream through the real generated stub."""
+"""Thin test drivers for Chat streams: through the real generated stub, or as raw request bytes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
 
 TIMEOUT = 10.0
+
+
+def raw_chat(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall[bytes, pb.ChatResponse]:
+    """A Chat call that sends requests as the bytes given, however malformed, and decodes the server's answers."""
+    method: grpc.aio.StreamStreamMultiCallable[bytes, pb.ChatResponse] = channel.stream_stream(
+        "/chat.v1.ChatService/Chat", request_serializer=None, response_deserializer=pb.ChatResponse.FromString
+    )
+    return method()
 
 
 class Stream:
@@ -44,7 +52,9 @@ class Stream:
         await self.call.write(pb.ChatRequest(whisper=pb.ChatRequest.SendWhisper(recipient=recipient, text=text)))
 
     async def leave(self) -> None:
+        """Leave and half-close, as a well-behaved client does; the server ends the stream once it has both."""
         await self.call.write(pb.ChatRequest(leave=pb.ChatRequest.LeaveRoom()))
+        await self.call.done_writing()
 
     async def next(self, timeout: float = TIMEOUT) -> pb.Event:
         """The next event; fails the test if none comes within `timeout` or the stream ends."""

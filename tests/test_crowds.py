@@ -13,7 +13,7 @@ import pytest
 
 from chat_service._pb.chat.v1 import chat_pb2 as pb
 from chat_service._pb.chat.v1 import chat_pb2_grpc
-from tests.conftest import ServerProcess, start_server_process
+from tests.conftest import UNLIMITED_FLAGS, ServerProcess, start_server_process
 from tests.streams import Stream
 
 # Far more than the server's --max-queue: before joins and leaves were kept apart from messages, a crowd going at
@@ -64,7 +64,7 @@ def _output(server: ServerProcess) -> list[str]:
 @pytest.mark.parametrize("going", ["killed", "leaving"])
 async def test_a_crowd_going_at_once_leaves_prompt_readers_in_place(tmp_path: Path, going: str) -> None:
     # One address brings the whole crowd, far faster than the per-address join rate allows.
-    server = start_server_process(tmp_path / "state", "--max-queue", str(MAX_QUEUE), "--joins-per-second", "0")
+    server = start_server_process(tmp_path / "state", "--max-queue", str(MAX_QUEUE), *UNLIMITED_FLAGS)
     names = {f"reader{i}" for i in range(READERS)}
     env = {key: value for key, value in os.environ.items() if key != "PYTHONASYNCIODEBUG"}
     try:
