@@ -113,6 +113,7 @@ async def _leave_then_write(channel: grpc.aio.Channel, name: str, *, half_close:
     return await call.code()
 
 
+@pytest.mark.unlimited
 async def test_requests_written_after_leave_end_the_call_cleanly(channel: grpc.aio.Channel, stub: Stub) -> None:
     await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
     # Most clients half-close after their last write; a few never do, and those wait out the server's grace.
