@@ -114,11 +114,17 @@ async def _leave_then_write(channel: grpc.aio.Channel, name: str, *, half_close:
 
 
 @pytest.mark.unlimited
-async def test_requests_written_after_leave_end_the_call_cleanly(channel: grpc.aio.Channel, stub: Stub) -> None:
+async def test_requests_written_after_leave_end_the_call_cleanly(server: ChatServer, stub: Stub) -> None:
     await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
-    # Most clients half-close after their last write; a few never do, and those wait out the server's grace.
-    runs = [_leave_then_write(channel, f"m{i}", half_close=i % 10 != 0) for i in range(200)]
-    codes = await asyncio.wait_for(asyncio.gather(*runs), 60)
+    # Four connections of 50 streams each: the server allows a connection 100 at once, as the flag says.
+    channels = [grpc.aio.insecure_channel(server.address) for _ in range(4)]
+    try:
+        # Most clients half-close after their last write; a few never do, and those wait out the server's grace.
+        runs = [_leave_then_write(channels[i % 4], f"m{i}", half_close=i % 10 != 0) for i in range(200)]
+        codes = await asyncio.wait_for(asyncio.gather(*runs), 60)
+    finally:
+        for channel in channels:
+            await channel.close()
     assert set(codes) == {grpc.StatusCode.OK}
     rooms = {room.name: room.member_count for room in (await stub.ListRooms(pb.ListRoomsRequest())).rooms}
     assert rooms == {"r": 0}
