@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PB := chat_service/_pb
+PB := chat/v1
 PROTO := proto/chat/v1/chat.proto
 STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
@@ -21,14 +21,12 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(PB)/.generated: $(PROTO) $(STAMP)
-	rm -rf $(PB)
-	mkdir -p $(PB)/chat/v1
-	touch $(PB)/__init__.py $(PB)/chat/__init__.py $(PB)/chat/v1/__init__.py
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I$(PB)=proto --python_out=. --grpc_python_out=. \
-		--mypy_out=. --mypy_grpc_out=. $(PB)/chat/v1/chat.proto
+	rm -f $(PB)/*_pb2*.py $(PB)/*_pb2*.pyi
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. \
+		--mypy_out=. --mypy_grpc_out=. $(PROTO)
 	touch $@
 
-## proto: generate the Python code and type stubs from proto/chat/v1/chat.proto
+## proto: generate the public package chat.v1 (code and type stubs) from proto/chat/v1/chat.proto, as builds do
 proto: $(PB)/.generated
 
 ## run: start the server on $(HOST):$(PORT) with the in-memory registry
@@ -76,4 +74,4 @@ bench-bare: proto
 	$(BIN)/python -m bench.bare
 
 clean:
-	rm -rf $(VENV) $(PB) tools/node_modules tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PB)/*_pb2*.py $(PB)/*_pb2*.pyi $(PB)/.generated dist tools/node_modules tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -25,8 +25,8 @@ import grpc
 from bench import procstat
 from bench.runner import STREAMS_PER_CHANNEL, stop_processes
 from bench.worker import CHANNEL_OPTIONS
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_service.server import BACKLOG_OPTIONS
 
 TIMEOUT = 120.0

@@ -18,8 +18,8 @@ import uvloop
 from bench import procstat
 from bench.protocol import Check, Command, Done, End, Failed, Final, Go, Join, Opened, Report, Settled, WorkerPlan
 from bench.shapes import MemberSpec, room_size_after
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 
 if TYPE_CHECKING:
     ChatCall = grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from chat_service._pb.chat.v1 import chat_pb2, chat_pb2_grpc
+from chat.v1 import chat_pb2, chat_pb2_grpc
 
 CONNECT_TIMEOUT = 3.0
 # How long a bare TCP connection may take when telling why gRPC could not connect.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2 as pb
 from chat_service.events import (
     CloseReason,
     Event,

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2 as pb
 from chat_service.admin_token import carries_token
 from chat_service.encoding import encode
 from chat_service.errors import ChatError, ErrorKind
@@ -266,18 +266,20 @@ def _room(info: RoomInfo) -> pb.Room:
     return pb.Room(name=info.name, member_count=info.member_count, last_seq=info.last_seq)
 
 
+def method_handlers(servicer: ChatServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The service's method table by method name. Requests arrive as bytes and each handler decodes its own (see
+    `_decode`); Chat's responses are pre-encoded bytes, so they are written as they are."""
+    return {
+        "ListRooms": _unary(servicer.ListRooms, pb.ListRoomsRequest, pb.ListRoomsResponse),
+        "CreateRoom": _unary(servicer.CreateRoom, pb.CreateRoomRequest, pb.CreateRoomResponse),
+        "KillRoom": _unary(servicer.KillRoom, pb.KillRoomRequest, pb.KillRoomResponse),
+        "PruneRooms": _unary(servicer.PruneRooms, pb.PruneRoomsRequest, pb.PruneRoomsResponse),
+        "Chat": grpc.stream_stream_rpc_method_handler(
+            servicer.Chat, request_deserializer=None, response_serializer=None
+        ),
+    }
+
+
 def handler(servicer: ChatServicer) -> grpc.GenericRpcHandler:
-    """The service's method table. Requests arrive as bytes and each handler decodes its own (see `_decode`);
-    Chat's responses are pre-encoded bytes, so they are written as they are."""
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "ListRooms": _unary(servicer.ListRooms, pb.ListRoomsRequest, pb.ListRoomsResponse),
-            "CreateRoom": _unary(servicer.CreateRoom, pb.CreateRoomRequest, pb.CreateRoomResponse),
-            "KillRoom": _unary(servicer.KillRoom, pb.KillRoomRequest, pb.KillRoomResponse),
-            "PruneRooms": _unary(servicer.PruneRooms, pb.PruneRoomsRequest, pb.PruneRoomsResponse),
-            "Chat": grpc.stream_stream_rpc_method_handler(
-                servicer.Chat, request_deserializer=None, response_serializer=None
-            ),
-        },
-    )
+    """The service as gRPC serves it."""
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(servicer))

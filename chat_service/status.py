@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2 as pb
 from chat_service.errors import ErrorKind
 
 _TABLE: dict[ErrorKind, tuple[grpc.StatusCode, pb.ErrorCode.ValueType]] = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2_grpc
 from chat_service.limits import NO_LIMIT, Limits
 from chat_service.server import ChatServer, Config
 
@@ -118,14 +118,16 @@ def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def start_server_process(state_dir: Path, *args: str, extra_env: dict[str, str] | None = None) -> ServerProcess:
-    """Start `chat-server --port 0` with its own XDG_STATE_HOME and wait until it listens."""
+def start_server_process(
+    state_dir: Path, *args: str, extra_env: dict[str, str] | None = None, program: Path | None = None
+) -> ServerProcess:
+    """Start `chat-server --port 0` (or `program`) with its own XDG_STATE_HOME and wait until it listens."""
     env = {k: v for k, v in os.environ.items() if k != "CHAT_ADMIN_TOKEN"}
     env["XDG_STATE_HOME"] = str(state_dir)
     env.update(extra_env or {})
     env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
-        [executable("chat-server"), "--port", "0", "--no-console", *args],
+        [str(program or executable("chat-server")), "--port", "0", "--no-console", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -12,8 +12,8 @@ import sys
 
 import grpc
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 
 STREAMS_PER_CHANNEL = 64
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from chat.v1 import chat_pb2 as pb
 from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
-from chat_service._pb.chat.v1 import chat_pb2 as pb
 
 TIMEOUT = 10.0
 

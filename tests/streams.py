@@ -7,8 +7,8 @@ from collections import deque
 
 import grpc
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 
 TIMEOUT = 10.0
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_cli.admin import default_token_path
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
 from tests.conftest import ServerProcess, executable
 from tests.proc import chat, run_admin, unused_port
 

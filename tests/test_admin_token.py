@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_service import admin_token
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
 from tests.conftest import ServerProcess, executable, start_server_process
 from tests.proc import unused_port
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_service.server import ChatServer
 from tests.conftest import ServerProcess
 from tests.streams import TIMEOUT, Stream, raw_chat

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from chat.v1 import chat_pb2 as pb
 from chat_cli import render
 from chat_cli.commands import (
     ADMIN_USAGE,
@@ -29,7 +30,6 @@ from chat_cli.commands import (
     parse_admin,
 )
 from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
-from chat_service._pb.chat.v1 import chat_pb2 as pb
 
 HINT = "/help lists the commands"
 

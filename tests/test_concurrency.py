@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2 as pb
 from chat_service.server import ChatServer
 from tests.conftest import start_server_process
 from tests.streams import Stream
 
 if TYPE_CHECKING:
-    from chat_service._pb.chat.v1 import chat_pb2_grpc
+    from chat.v1 import chat_pb2_grpc
 
     Stub = chat_pb2_grpc.ChatServiceAsyncStub
 
@@ -113,7 +113,7 @@ async def _wait_for_members(stub: Stub, room: str, count: int, ready: asyncio.Ev
 # as a reconnecting client's would; a stream refused for the crowd (the client sees INTERNAL) never does.
 _STORM_CLIENT = """
 import asyncio, collections, contextlib, json, sys, grpc
-from chat_service._pb.chat.v1 import chat_pb2 as pb, chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb, chat_pb2_grpc
 address, count, per_channel, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 async def main():
     async with contextlib.AsyncExitStack() as stack:

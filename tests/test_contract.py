@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from chat_service._pb.chat.v1 import chat_pb2
+from chat.v1 import chat_pb2
+from chat_service.server import ChatServer
+from chat_service.service import ChatServicer, method_handlers
 
 
 def test_the_proto_names_a_package_for_every_common_language() -> None:
@@ -19,3 +21,13 @@ def test_the_proto_names_a_package_for_every_common_language() -> None:
         "Chat\\V1",
         "CXX",
     )
+
+
+async def test_the_servicer_serves_every_method_of_the_proto_in_its_shape(server: ChatServer) -> None:
+    service = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
+    table = method_handlers(ChatServicer(server.registry))
+    assert set(table) == {method.name for method in service.methods}
+    for method in service.methods:
+        handler = table[method.name]
+        shape = (handler.request_streaming, handler.response_streaming)
+        assert shape == (method.client_streaming, method.server_streaming), method.name

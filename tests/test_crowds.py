@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from tests.conftest import UNLIMITED_FLAGS, ServerProcess, start_server_process
 from tests.streams import Stream
 

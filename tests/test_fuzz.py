@@ -20,8 +20,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_service.service import SERVICE_NAME
 from tests.conftest import UNLIMITED_FLAGS, ServerProcess, start_server_process
 from tests.streams import Stream, raw_chat

@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_service.rooms import DEFAULT_WRITE_SLOTS
 from chat_service.server import ChatServer, Config
 from tests.conftest import UNLIMITED, ServerProcess, executable, running, start_server_process
@@ -44,7 +44,7 @@ async def test_closed_channel_removes_the_member_and_tells_the_others(stub: Stub
 
 _VANISHING_CLIENT = """
 import asyncio, sys, grpc
-from chat_service._pb.chat.v1 import chat_pb2 as pb, chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb, chat_pb2_grpc
 async def main():
     async with grpc.aio.insecure_channel(sys.argv[1]) as channel:
         call = chat_pb2_grpc.ChatServiceStub(channel).Chat()

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_cli.session import Session
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.limits import AddressBuckets, Limiter, Limits, Rate, TokenBucket, client_address
 from chat_service.server import ChatServer, Config

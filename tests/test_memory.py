@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_service.history import MESSAGE_OVERHEAD
 from chat_service.server import ChatServer, Config
 from tests.conftest import running

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from chat_service.server import ChatServer
 from tests.conftest import start_server_process
 from tests.streams import Stream

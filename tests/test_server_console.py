@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 
-from chat_service._pb.chat.v1 import chat_pb2 as pb
-from chat_service._pb.chat.v1 import chat_pb2_grpc
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
 from tests.conftest import executable
 from tests.terminal import Terminal
 
