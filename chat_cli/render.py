@@ -152,13 +152,29 @@ def pruned(rooms: Sequence[str]) -> str:
     return f"pruned {_count(len(rooms), 'empty room')}: {', '.join(rooms)}"
 
 
+# The server's sentences are neutral, for any caller; what to type next is this client's to say.
+HINTS: dict[int, str] = {
+    chat_pb2.ERROR_CODE_ROOM_NOT_FOUND: "/ls lists rooms, /create ROOM makes one",
+    chat_pb2.ERROR_CODE_ROOM_EXISTS: "/join ROOM enters it",
+    chat_pb2.ERROR_CODE_MEMBER_NOT_FOUND: "/who lists the members",
+    chat_pb2.ERROR_CODE_NOT_JOINED: "/join ROOM or /create ROOM first",
+    chat_pb2.ERROR_CODE_ROOM_LIMIT: "/ls lists the rooms to /join",
+}
+
+
 def problem(event: chat_pb2.Error) -> str:
-    """A request the server refused; a rate limit says how long to wait."""
+    """A request the server refused, with what to type next; a rate limit says how long to wait."""
     if event.code == chat_pb2.ERROR_CODE_RATE_LIMITED and event.HasField("retry_after"):
         # Rounded up, so that waiting as long as it says is always enough.
         wait = math.ceil(event.retry_after.ToNanoseconds() / 1e8) / 10
         return error(f"slow down: {event.message} (try again in {wait:.1f} s)")
-    return error(event.message)
+    return error(hinted(event.message, event.code))
+
+
+def hinted(message: str, code: int) -> str:
+    """`message` with this client's hint for the error code, if it has one."""
+    hint = HINTS.get(code)
+    return f"{message}; {hint}" if hint else message
 
 
 def error(message: str) -> str:

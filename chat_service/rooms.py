@@ -243,7 +243,7 @@ class Member(Generic[T]):
                 ErrorKind.MEMBER_NOT_FOUND,
                 f"{recipient} lost their connection and may be back shortly; try again later"
                 if away
-                else f"nobody named {recipient!r} is in room {room.name!r}; /who lists its members",
+                else f"nobody named {recipient!r} is in room {room.name!r}",
             )
         item = self._registry.encode(Whisper(self.name, target.name, text, time.time_ns(), client_id))
         target.push(item)
@@ -371,7 +371,7 @@ class Member(Generic[T]):
 
     def _joined_room(self) -> _Room[T]:
         if self._room is None:
-            raise ChatError(ErrorKind.NOT_JOINED, "you are not in a room; /join ROOM or /create ROOM first")
+            raise ChatError(ErrorKind.NOT_JOINED, "you are not in a room")
         return self._room
 
 
@@ -420,7 +420,7 @@ class MemoryRegistry(Generic[T]):
     async def kill_room(self, room: str) -> int:
         found = self._rooms.pop(name_key(room), None)
         if found is None:
-            raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist; /ls lists rooms")
+            raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist")
         ejected = self._close(found, CloseReason.KILLED)
         log.info("Room %s killed, %d members ejected", room, ejected)
         return ejected
@@ -470,7 +470,7 @@ class MemoryRegistry(Generic[T]):
         if target is None:
             raise ChatError(
                 ErrorKind.ROOM_NOT_FOUND,
-                f"room {room!r} does not exist; /ls lists rooms, /create {room} makes it",
+                f"room {room!r} does not exist",
             )
         if name and name_key(name) in target.seats:
             raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
@@ -482,7 +482,7 @@ class MemoryRegistry(Generic[T]):
         if target is None or not resume.token.startswith(f"{target.uid}."):
             raise ChatError(
                 ErrorKind.ROOM_NOT_FOUND,
-                f"room {room!r} no longer exists (it was closed, or the server restarted); /ls lists rooms",
+                f"room {room!r} no longer exists (it was closed, or the server restarted)",
             )
         key = name_key(name)
         seat = target.seats.get(key)
@@ -656,14 +656,12 @@ class MemoryRegistry(Generic[T]):
         key = name_key(room)
         if (existing := self._rooms.get(key)) is not None:
             alike = "" if existing.name == room else f" (too like {room!r} to tell apart)"
-            raise ChatError(
-                ErrorKind.ROOM_EXISTS, f"room {existing.name!r} already exists{alike}; /join {existing.name} enters it"
-            )
+            raise ChatError(ErrorKind.ROOM_EXISTS, f"room {existing.name!r} already exists{alike}")
         if len(self._rooms) >= self.max_rooms:
             raise ChatError(
                 ErrorKind.ROOM_LIMIT,
-                f"the server has reached its limit of rooms ({self.max_rooms}); /join one of them, or ask an "
-                "admin to /kill rooms nobody uses",
+                f"the server has reached its limit of rooms ({self.max_rooms}); join an existing room, or ask an "
+                "administrator to close rooms nobody uses",
             )
         created = self._rooms[key] = _Room[T](room, History(self.history_limit, self.history_budget))
         log.info("New room %s created", room, extra={"room": room})

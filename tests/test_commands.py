@@ -175,7 +175,7 @@ def test_admin_usage_lists_every_command(command: str) -> None:
         (
             pb.Event(error=pb.Error(code=pb.ERROR_CODE_ROOM_NOT_FOUND, message="room 'x' does not exist")),
             "",
-            "error: room 'x' does not exist",
+            "error: room 'x' does not exist; /ls lists rooms, /create ROOM makes one",
         ),
         (ConnectionLost("lobby", "the chat server went away"), "bob", "error: the chat server went away"),
         (pb.Event(member_joined=pb.MemberJoined(name="carol", returned=True)), "bob", "* carol is back"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,7 +153,7 @@ async def test_requests_before_joining_get_errors(stub: Stub) -> None:
     await stream.join("missing", "me")
     error = (await stream.next()).error
     assert error.code == pb.ERROR_CODE_ROOM_NOT_FOUND
-    assert "/ls" in error.message
+    assert error.message == "room 'missing' does not exist"
 
 
 async def test_join_create_refuses_an_existing_room(stub: Stub) -> None:
@@ -192,7 +193,7 @@ async def test_rooms_past_the_servers_limit_are_refused_and_the_stream_lives_on(
             await stream.join("second", "me", create=True)
             error = (await stream.next()).error
             assert error.code == pb.ERROR_CODE_ROOM_LIMIT
-            assert "/kill" in error.message
+            assert "ask an administrator to close rooms nobody uses" in error.message
             await stream.join("first", "me")
             assert (await stream.next()).joined.room == "first"
     finally:
@@ -243,3 +244,27 @@ async def test_kill_unknown_room_is_not_found(stub: Stub, server: ChatServer) ->
         await stub.KillRoom(pb.KillRoomRequest(room="ghost"), metadata=_admin(server))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "ghost" in (info.value.details() or "")
+
+
+async def test_refusals_speak_to_any_caller_not_in_one_clients_commands(stub: Stub, server: ChatServer) -> None:
+    """A gRPC caller is told what went wrong; what to type next (`/ls`, `/who`) is for each client to add."""
+    await stub.CreateRoom(pb.CreateRoomRequest(room="lobby"))
+    alice, _ = await Stream.joined(stub, "lobby", "alice")
+    details: list[str] = []
+    await alice.whisper("nobody", "hi")
+    details.append((await alice.next_of("error")).error.message)
+    stray = Stream(stub)
+    await stray.join("nowhere", "bob")
+    details.append((await stray.next_of("error")).error.message)
+    await stray.join("lobby", "alice", create=True)
+    details.append((await stray.next_of("error")).error.message)
+    metadata = (("authorization", f"Bearer {server.admin_token}"),)
+    for call in (
+        stub.CreateRoom(pb.CreateRoomRequest(room="lobby")),
+        stub.KillRoom(pb.KillRoomRequest(room="nowhere"), metadata=metadata),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        details.append(refused.value.details() or "")
+    assert len(details) == 5
+    assert [detail for detail in details if re.search(r"/[a-z]", detail)] == []
