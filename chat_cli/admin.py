@@ -76,13 +76,7 @@ class Admin:
 
     def kill(self, room: str) -> list[str]:
         """Close `room`, sending its members back to waiting."""
-        if not self.token_may_travel:
-            raise SessionError(
-                f"refusing to send the admin token in plaintext to {self.address}; use --tls, or --insecure if "
-                "the network between here and the server is trusted"
-            )
-        # Read at each kill, not at start-up: listing needs no token, and a restarted server writes a new one.
-        token = resolve_token(self.token_file, self.port)
+        token = self._token()
         try:
             response = self.stub.KillRoom(
                 chat_pb2.KillRoomRequest(room=room),
@@ -95,7 +89,7 @@ class Admin:
 
     def prune(self) -> list[str]:
         """Close every room nobody is in."""
-        token = resolve_token(self.token_file, self.port)
+        token = self._token()
         try:
             response = self.stub.PruneRooms(
                 chat_pb2.PruneRoomsRequest(),
@@ -124,6 +118,16 @@ class Admin:
                     return []
         except SessionError as exc:
             return [render.error(str(exc))]
+
+    def _token(self) -> Token:
+        """The admin token to send, unless it would cross a network in clear."""
+        if not self.token_may_travel:
+            raise SessionError(
+                f"refusing to send the admin token in plaintext to {self.address}; use --tls, or --insecure if "
+                "the network between here and the server is trusted"
+            )
+        # Read at each use, not at start-up: listing needs no token, and a restarted server writes a new one.
+        return resolve_token(self.token_file, self.port)
 
     def _error(self, exc: grpc.RpcError, token: Token | None) -> SessionError:
         # Failed sync calls raise an object that is both an RpcError and a Call, which carries the status.

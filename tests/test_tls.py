@@ -11,7 +11,10 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chat_cli.admin import token_may_travel
+from chat.v1 import chat_pb2 as pb
+from chat.v1 import chat_pb2_grpc
+from chat_cli.admin import Admin, token_may_travel
+from chat_cli.commands import Kill, Prune
 from tests.conftest import ServerProcess, executable, start_server_process
 from tests.proc import Proc, run_admin
 
@@ -136,3 +139,15 @@ def test_a_client_certificate_needs_its_key(tls_server: ServerProcess, pki: Pki)
 )
 def test_the_admin_token_travels_in_clear_only_to_loopback(host: str, tls: bool, insecure: bool, allowed: bool) -> None:
     assert token_may_travel(host, tls=tls, insecure=insecure) is allowed
+
+
+def test_no_admin_command_sends_the_token_where_it_may_not_travel(server_process: ServerProcess) -> None:
+    with grpc.insecure_channel(server_process.address) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        stub.CreateRoom(pb.CreateRoomRequest(room="lobby"), timeout=10)
+        # As if the host were elsewhere on a plaintext channel: the refusal comes before anything is sent.
+        admin = Admin(stub, "chat.example.org:50051", None, server_process.port, token_may_travel=False)
+        for command in (Kill("lobby"), Prune()):
+            (line,) = admin.run(command)
+            assert line.startswith("error: refusing to send the admin token in plaintext to chat.example.org:50051")
+        assert [room.name for room in stub.ListRooms(pb.ListRoomsRequest(), timeout=10).rooms] == ["lobby"]
