@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
 from chat.v1 import chat_pb2, chat_pb2_grpc
 
@@ -632,7 +633,9 @@ class Session:
 async def _half_close(stream: _Stream) -> None:
     """Tell the server this client writes no more on `stream`; nothing to do if the call has ended."""
     async with stream.lock:
-        with contextlib.suppress(*_ENDED_BY_SENDING):
+        # When the server ends the call while the half-close is on its way, grpc.aio can raise its internal
+        # ExecuteBatchError instead of an AioRpcError (seen on a busy machine); either way the call is over.
+        with contextlib.suppress(*_ENDED_BY_SENDING, cygrpc.ExecuteBatchError):
             await stream.call.done_writing()
 
 

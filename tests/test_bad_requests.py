@@ -116,8 +116,10 @@ async def _leave_then_write(channel: grpc.aio.Channel, name: str, *, half_close:
 @pytest.mark.unlimited
 async def test_requests_written_after_leave_end_the_call_cleanly(server: ChatServer, stub: Stub) -> None:
     await stub.CreateRoom(pb.CreateRoomRequest(room="r"))
-    # Four connections of 50 streams each: the server allows a connection 100 at once, as the flag says.
-    channels = [grpc.aio.insecure_channel(server.address) for _ in range(4)]
+    # Four connections of 50 streams each (channels share one connection unless told otherwise): the server allows
+    # a connection 100 streams at once, and refuses more that arrive before the client has heard of the limit.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(server.address, options=options) for _ in range(4)]
     try:
         # Most clients half-close after their last write; a few never do, and those wait out the server's grace.
         runs = [_leave_then_write(channels[i % 4], f"m{i}", half_close=i % 10 != 0) for i in range(200)]
