@@ -73,10 +73,11 @@ def to_proto(event: Event) -> pb.Event:
 def encode(event: Event) -> bytes:
     """One event as a framed element of ChatResponse.events: a batch is these pieces joined."""
     body = to_proto(event).SerializeToString()
-    return _EVENTS_TAG + _varint(len(body)) + body
+    return _EVENTS_TAG + varint(len(body)) + body
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

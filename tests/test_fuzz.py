@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError, Message
 
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
+from chat_service.encoding import varint
 from chat_service.service import SERVICE_NAME
 from tests.conftest import UNLIMITED_FLAGS, ServerProcess, start_server_process
 from tests.streams import Stream, raw_chat
@@ -57,22 +58,13 @@ if TYPE_CHECKING:
 Call = grpc.aio.StreamStreamCall[bytes, pb.ChatResponse]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _key(number: int, wire_type: int) -> bytes:
-    return _varint(number << 3 | wire_type)
+    return varint(number << 3 | wire_type)
 
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field."""
-    return _key(number, 2) + _varint(len(payload)) + payload
+    return _key(number, 2) + varint(len(payload)) + payload
 
 
 def _sample(descriptor: Descriptor, rng: random.Random, depth: int = 0) -> Message:
@@ -125,9 +117,9 @@ def _wrong_type(rng: random.Random, data: bytes, _: bytes) -> bytes:
     """A known field number with another wire type: varint, fixed64, length-delimited, a group, fixed32."""
     number = rng.randint(1, 6)
     payloads = {
-        0: _varint(rng.getrandbits(64)),
+        0: varint(rng.getrandbits(64)),
         1: rng.randbytes(8),
-        2: _varint(3) + b"abc",
+        2: varint(3) + b"abc",
         3: b"",
         5: rng.randbytes(4),
     }
@@ -141,7 +133,7 @@ def _huge_number(rng: random.Random, data: bytes, _: bytes) -> bytes:
         [
             _key(rng.randint(1, 6), 0) + b"\xff" * 9 + b"\x01",
             _key(rng.randint(1, 6), 0) + b"\xff" * 11 + b"\x01",
-            _key(rng.randint(1, 6), 2) + _varint(rng.choice([2**31, 2**32 - 1, 2**63])) + b"abc",
+            _key(rng.randint(1, 6), 2) + varint(rng.choice([2**31, 2**32 - 1, 2**63])) + b"abc",
             _key(2**29 - 1, 0) + b"\x01",
             _key(0, 0) + b"\x01",
         ]
