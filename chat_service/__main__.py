@@ -142,6 +142,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="text",
         help="text for people, json for one JSON object per line (default: text)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address to serve metrics on (default: 127.0.0.1, this machine only)",
+    )
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
     tls = parser.add_argument_group("TLS (off unless --tls-cert and --tls-key are given)")
     tls.add_argument("--tls-cert", type=Path, metavar="PATH", help="PEM certificate chain to serve TLS with")
@@ -186,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             max_members=args.max_members,
             max_streams_per_connection=args.max_streams_per_connection,
             join_timeout_seconds=args.join_timeout,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         _tune_gc()
         try:

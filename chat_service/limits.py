@@ -5,10 +5,13 @@ Plain Python with the clock passed in: no gRPC, no sleeping, testable with a fak
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chat_service.errors import ChatError, ErrorKind
+from chat_service.stats import Stats
+from chat_service.throttled_log import ThrottledLog
 
 # Seconds from a clock that never goes back (time.monotonic, loop.time).
 Clock = Callable[[], float]
@@ -133,45 +136,70 @@ class Limits:
 
 
 class Limiter:
-    """Applies `Limits`: each check returns normally or raises ChatError(RATE_LIMITED) with the wait."""
+    """Applies `Limits`: each check returns normally or raises ChatError(RATE_LIMITED) with the wait.
 
-    def __init__(self, limits: Limits, clock: Clock) -> None:
+    Each refusal is counted in `stats` and logged, at most once per limit and address per interval."""
+
+    def __init__(self, limits: Limits, clock: Clock, stats: Stats | None = None) -> None:
         self.limits = limits
         self.clock = clock
+        self.stats = stats if stats is not None else Stats()
         self._rooms = AddressBuckets(limits.rooms, clock, limits.max_addresses)
         self._joins = AddressBuckets(limits.joins, clock, limits.max_addresses)
+        # A flood is what these limits refuse, so their log lines must not follow it.
+        self._log = ThrottledLog(logging.getLogger(__name__), clock=clock)
 
-    def create_room(self, address: str) -> None:
+    def create_room(self, address: str, room: str = "") -> None:
         """Charge one room creation to `address`."""
         if wait := self._rooms.take(address):
+            self.refused("rooms", address, room)
             per_minute = self.limits.rooms.per_second * 60
             raise _limited(f"this address creates rooms too fast (at most {per_minute:g} a minute)", wait)
 
-    def join(self, address: str) -> None:
+    def join(self, address: str, room: str = "", member: str = "") -> None:
         """Charge one join (or resume) to `address`."""
         if wait := self._joins.take(address):
+            self.refused("joins", address, room, member)
             raise _limited(
                 f"this address joins rooms too fast (at most {self.limits.joins.per_second:g} a second)", wait
             )
 
-    def lines(self) -> LineLimit | None:
+    def lines(self, address: str = "", room: str = "", member: str = "") -> LineLimit | None:
         """A new member's limit on lines and whispers; None when they are unlimited."""
-        return None if self.limits.lines.unlimited else LineLimit(self.limits.lines, self.clock)
+        if self.limits.lines.unlimited:
+            return None
+        return LineLimit(self.limits.lines, self.clock, lambda: self.refused("lines", address, room, member))
+
+    def refused(self, limit: str, address: str, room: str = "", member: str = "") -> None:
+        """Count a request refused by `limit` and log it, unless that limit refused `address` within an interval."""
+        self.stats.refused[limit] += 1
+        where = ", ".join(f"{what} {name}" for what, name in (("room", room), ("member", member)) if name)
+        self._log.info(
+            limit,
+            "Refused a request from %s over the %s rate limit%s",
+            address,
+            limit,
+            f" ({where})" if where else "",
+            client=address,
+            extra={"limit": limit, "peer": address, "room": room, "member": member},
+        )
 
 
 class LineLimit:
     """One member's flood control: its lines and whispers share one bucket."""
 
-    __slots__ = ("_bucket", "_clock", "_rate")
+    __slots__ = ("_bucket", "_clock", "_rate", "_refused")
 
-    def __init__(self, rate: Rate, clock: Clock) -> None:
+    def __init__(self, rate: Rate, clock: Clock, refused: Callable[[], None] = lambda: None) -> None:
         self._rate = rate
         self._clock = clock
         self._bucket = TokenBucket(rate, clock())
+        self._refused = refused
 
     def charge(self) -> None:
         """Charge one line or whisper; raises ChatError(RATE_LIMITED) with the wait when the member floods."""
         if wait := self._bucket.take(self._clock()):
+            self._refused()
             raise _limited(f"you are sending lines too fast (at most {self._rate.per_second:g} a second)", wait)
 
 

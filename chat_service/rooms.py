@@ -31,6 +31,8 @@ from chat_service.events import (
 )
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, History, HistoryBudget, unsized
 from chat_service.registry import DEFAULT_NAME
+from chat_service.stats import Stats
+from chat_service.throttled_log import ThrottledLog
 from chat_service.validation import check_client_id, check_name, check_text, name_key
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,7 @@ class Member(Generic[T]):
         if client_id and self._resent(check_client_id(client_id)):
             return
         seq = room.history.last_seq + 1
+        self._registry.stats.received["say"] += 1
         item = self._registry.fan_out(room, Message(seq, self.name, text, time.time_ns(), client_id))
         room.history.append(seq, item)
         if client_id:
@@ -245,6 +248,7 @@ class Member(Generic[T]):
                 if away
                 else f"nobody named {recipient!r} is in room {room.name!r}",
             )
+        self._registry.stats.received["whisper"] += 1
         item = self._registry.encode(Whisper(self.name, target.name, text, time.time_ns(), client_id))
         target.push(item)
         if target is not self:
@@ -270,6 +274,7 @@ class Member(Generic[T]):
         # writes would hold back reading the room's next requests. Capped, reading keeps up, and what arrives
         # while a member waits for a slot joins its batch (bench/README.md has the measurements).
         slots = self._registry.slots
+        stats = self._registry.stats
         while True:
             while not self._queue and not self._backlog:
                 if self._room is None:
@@ -284,6 +289,7 @@ class Member(Generic[T]):
             try:
                 batch = self._take() if self._queue or self._backlog else None
                 if batch:
+                    stats.wrote(len(batch), len(self._queue))
                     await write(batch)
             finally:
                 lease.release()
@@ -392,8 +398,12 @@ class MemoryRegistry(Generic[T]):
         max_rooms: int = DEFAULT_MAX_ROOMS,
         max_members: int = DEFAULT_MAX_MEMBERS,
         empty_room_ttl: float | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.encode = encode
+        self.stats = stats if stats is not None else Stats()
+        # Caps hit by a flood of requests: one line per cap and interval says so without following the flood.
+        self._limit_log = ThrottledLog(log)
         self.queue_limit = queue_limit
         self.batch_limit = batch_limit
         self.slots = WriteSlots(write_slots)
@@ -411,6 +421,11 @@ class MemoryRegistry(Generic[T]):
         self._empty_since: dict[_Room[T], float] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
+    @property
+    def room_count(self) -> int:
+        """Rooms open now; one len(), so another thread may read it."""
+        return len(self._rooms)
+
     async def list_rooms(self) -> list[RoomInfo]:
         return [room.info() for room in sorted(self._rooms.values(), key=lambda room: room.name)]
 
@@ -422,7 +437,9 @@ class MemoryRegistry(Generic[T]):
         if found is None:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist")
         ejected = self._close(found, CloseReason.KILLED)
-        log.info("Room %s killed, %d members ejected", room, ejected)
+        log.info(
+            "Room %s killed, %d members ejected", found.name, ejected, extra={"room": found.name, "reason": "killed"}
+        )
         return ejected
 
     async def prune_rooms(self) -> list[str]:
@@ -430,6 +447,7 @@ class MemoryRegistry(Generic[T]):
         for key, room in empty:
             del self._rooms[key]
             self._close(room, CloseReason.KILLED)
+            log.info("Room %s pruned: nobody was in it", room.name, extra={"room": room.name, "reason": "pruned"})
         if empty:
             log.info("%d empty rooms pruned", len(empty))
         return sorted(room.name for _, room in empty)
@@ -449,7 +467,12 @@ class MemoryRegistry(Generic[T]):
                 continue
             del self._rooms[key]
             self._close(room, CloseReason.KILLED)
-            log.info("Room %s closed: nobody was in it for %g s", room.name, ttl)
+            log.info(
+                "Room %s closed: nobody was in it for %g s",
+                room.name,
+                ttl,
+                extra={"room": room.name, "reason": "expired"},
+            )
         self._sweep = None
         self._schedule_sweep()
 
@@ -465,7 +488,7 @@ class MemoryRegistry(Generic[T]):
             name = check_name(name, "member")
         if resume is not None:
             return self._resume(room, name, resume)
-        self._check_member_limit()
+        self._check_member_limit(room, name)
         target = self._create(room) if create else self._rooms.get(name_key(room))
         if target is None:
             raise ChatError(
@@ -495,7 +518,7 @@ class MemoryRegistry(Generic[T]):
                     f"this resume token was not issued for the name {name!r} in room {target.name!r}; join "
                     "without resuming to enter under that name",
                 )
-            self._check_member_limit()
+            self._check_member_limit(target.name, name)
             seat = self._seat(target, name)
         elif not _same_token(seat.token, resume.token):
             raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
@@ -505,6 +528,7 @@ class MemoryRegistry(Generic[T]):
         if previous is not None:
             # The old stream is most likely dead but not yet noticed; the room need not hear of the swap.
             previous.drop(ChatError(ErrorKind.RESUMED_ELSEWHERE, "this membership was resumed on another connection"))
+            self.stats.evicted["resumed_elsewhere"] += 1
             del target.members[key]
         log.debug("%s resumed in room %s after message %d", name, room, resume.last_seq)
         return self._admit(target, seat, replay, lost=lost, created=False, resumed=True, swap=previous is not None)
@@ -563,8 +587,17 @@ class MemoryRegistry(Generic[T]):
                     room.free_numbers = []
                 heapq.heappush(room.free_numbers, seat.number)
 
-    def _check_member_limit(self) -> None:
+    def _check_member_limit(self, room: str, name: str) -> None:
         if self.seated >= self.max_members:
+            self._refused(
+                "max_members",
+                "Refused %s in room %s: the server holds its limit of %d names (--max-members)",
+                name or DEFAULT_NAME,
+                room,
+                self.max_members,
+                room=room,
+                member=name,
+            )
             raise ChatError(
                 ErrorKind.MEMBER_LIMIT,
                 f"the server has reached its limit of members ({self.max_members}); try again later",
@@ -646,8 +679,19 @@ class MemoryRegistry(Generic[T]):
                 "were waiting for you to read them",
             )
         )
-        log.info("%s dropped from room %s for reading too slowly", member.name, room.name)
+        self.stats.evicted["too_slow"] += 1
+        log.info(
+            "%s dropped from room %s for reading too slowly",
+            member.name,
+            room.name,
+            extra={"room": room.name, "member": member.name, "reason": "too_slow"},
+        )
         return True
+
+    def _refused(self, limit: str, message: str, *args: object, room: str, member: str = "") -> None:
+        """Count a request refused by one of the server's caps, and log it unless that cap was logged lately."""
+        self.stats.refused[limit] += 1
+        self._limit_log.info(limit, message, *args, extra={"limit": limit, "room": room, "member": member})
 
     def _create(self, room: str) -> _Room[T]:
         room = check_name(room, "room")
@@ -658,6 +702,13 @@ class MemoryRegistry(Generic[T]):
             alike = "" if existing.name == room else f" (too like {room!r} to tell apart)"
             raise ChatError(ErrorKind.ROOM_EXISTS, f"room {existing.name!r} already exists{alike}")
         if len(self._rooms) >= self.max_rooms:
+            self._refused(
+                "max_rooms",
+                "Refused to create room %s: the server holds its limit of %d rooms (--max-rooms)",
+                room,
+                self.max_rooms,
+                room=room,
+            )
             raise ChatError(
                 ErrorKind.ROOM_LIMIT,
                 f"the server has reached its limit of rooms ({self.max_rooms}); join an existing room, or ask an "

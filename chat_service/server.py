@@ -20,6 +20,7 @@ from chat_service.console import run_console
 from chat_service.encoding import encode
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
 from chat_service.limits import Limiter, Limits
+from chat_service.metrics import Metrics
 from chat_service.registry import Registry
 from chat_service.rooms import (
     DEFAULT_MAX_MEMBERS,
@@ -29,6 +30,7 @@ from chat_service.rooms import (
     MemoryRegistry,
 )
 from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS, SERVICE_NAME, ChatServicer, handler
+from chat_service.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,9 @@ class Config:
     grace_seconds: float = 5.0
     keepalive_seconds: float = 10.0
     tls: Tls | None = None
+    # Off unless given; 0 picks a free port. Loopback by default: metrics are for the operator, not the internet.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -115,7 +120,8 @@ class ChatServer:
 
     def __init__(self, config: Config, token: str | None = None) -> None:
         self.config = config
-        self.registry: Registry[bytes] = MemoryRegistry(
+        stats = Stats()
+        registry = MemoryRegistry(
             encode,
             queue_limit=config.queue_limit,
             history_limit=config.history,
@@ -125,17 +131,27 @@ class ChatServer:
             max_rooms=config.max_rooms,
             max_members=config.max_members,
             empty_room_ttl=config.empty_room_ttl,
+            stats=stats,
         )
+        self.registry: Registry[bytes] = registry
         self._token = _choose_token(config, token)
         servicer = ChatServicer(
-            self.registry, Limiter(config.limits, time.monotonic), self._token.value, config.join_timeout_seconds
+            self.registry, Limiter(config.limits, time.monotonic, stats), self._token.value, config.join_timeout_seconds
         )
+        self.metrics = (
+            Metrics(stats, lambda: registry.room_count, lambda: registry.seated)
+            if config.metrics_port is not None
+            else None
+        )
+        self.metrics_port = 0
         self.health = _Health()
         self._guard = admin_token.AdminTokenInterceptor(
             self._token.value, frozenset({f"/{SERVICE_NAME}/KillRoom", f"/{SERVICE_NAME}/PruneRooms"})
         )
+        # Timing comes first, so that it also times the calls the admin token guard refuses.
+        timing = [self.metrics.interceptor(SERVICE_NAME)] if self.metrics is not None else []
         self._server = grpc.aio.server(
-            interceptors=[self._guard],
+            interceptors=[*timing, self._guard],
             options=server_options(config.keepalive_seconds, config.max_streams_per_connection),
         )
         self._server.add_generic_rpc_handlers([handler(servicer)])
@@ -162,7 +178,7 @@ class ChatServer:
         return _host_port(self.config.host, self.port)
 
     async def start(self) -> None:
-        """Bind, write the token file if one was generated, and start serving."""
+        """Bind, serve metrics if asked, write the token file if one was generated, and start serving."""
         address = _host_port(self.config.host, self.config.port)
         tls = self.config.tls
         self.port = (
@@ -170,6 +186,9 @@ class ChatServer:
             if tls is not None
             else self._server.add_insecure_port(address)
         )
+        # Before the token file, so that a metrics port in use leaves no file behind.
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
         if self._token.generated:
             self._token.path = admin_token.default_token_path(self.port)
             admin_token.write_token(self._token.path, self._token.value)
@@ -182,6 +201,9 @@ class ChatServer:
         await self.health.enter_graceful_shutdown()
         await self.registry.shutdown()
         await self._server.stop(self.config.grace_seconds)
+        if self.metrics is not None:
+            # Stopping the HTTP server waits for its thread's poll, up to half a second: not on the loop.
+            await asyncio.to_thread(self.metrics.close)
         if self._token.generated and self._token.path is not None:
             self._token.path.unlink(missing_ok=True)
 
@@ -224,6 +246,8 @@ async def run(config: Config, *, console: bool) -> None:
     server = ChatServer(config)
     await server.start()
     print(f"chat server listening on {server.address}", flush=True)
+    if server.metrics is not None:
+        print(f"metrics: http://{_host_port(config.metrics_host, server.metrics_port)}/metrics", flush=True)
     if config.tls is not None:
         required = ", client certificates required" if config.tls.client_ca is not None else ""
         print(f"TLS: on{required}", flush=True)

@@ -32,7 +32,7 @@ Context = grpc.aio.ServicerContext[bytes, bytes]
 Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)
 
-# Bad input is the client's mistake, not the server's: each is answered, and the log only samples them.
+# Bad input is the client's mistake, not the server's: each is answered, and the log samples them per client.
 _bad_input = ThrottledLog(logging.getLogger(__name__))
 
 
@@ -69,7 +69,7 @@ class ChatServicer:
     ) -> pb.CreateRoomResponse:
         try:
             if limiter := self._limiter_for(context):
-                limiter.create_room(client_address(context.peer()))
+                limiter.create_room(client_address(context.peer()), request.room)
             info = await self._registry.create_room(request.room)
         except ChatError as error:
             await _abort(context, error)
@@ -142,9 +142,9 @@ class ChatServicer:
                 join = request.join
                 resume = Resume(join.resume.token, join.resume.last_seq) if join.HasField("resume") else None
                 if limiter is not None:
-                    limiter.join(address)
+                    limiter.join(address, join.room, join.name)
                     if join.create:
-                        limiter.create_room(address)
+                        limiter.create_room(address, join.room)
                 return await self._registry.join(
                     join.room, join.name, create=join.create, history=join.history, resume=resume
                 )
@@ -157,7 +157,7 @@ async def _serve_requests(
     requests: AsyncIterator[bytes], member: Membership[bytes], context: Context, limiter: Limiter | None
 ) -> None:
     """Apply a joined member's requests in order, until `leave` or the end of the requests."""
-    lines = limiter.lines() if limiter is not None else None
+    lines = limiter.lines(client_address(context.peer()), member.room, member.name) if limiter is not None else None
     async for raw in requests:
         try:
             request = _decode(pb.ChatRequest, raw, context)
@@ -236,7 +236,16 @@ def _decode(message_type: type[Request], raw: bytes, context: grpc.aio.ServicerC
         return message_type.FromString(raw)
     except DecodeError:
         name = message_type.DESCRIPTOR.full_name
-        _bad_input.warning("undecodable", "undecodable %s (%d bytes) from %s", name, len(raw), context.peer())
+        peer = context.peer()
+        _bad_input.warning(
+            "undecodable",
+            "undecodable %s (%d bytes) from %s",
+            name,
+            len(raw),
+            peer,
+            client=client_address(peer),
+            extra={"peer": peer},
+        )
         raise ChatError(
             ErrorKind.BAD_REQUEST,
             f"the request is not a valid {name}: it is not protobuf of that type, or a string in it is not UTF-8",

@@ -33,6 +33,7 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
         (["--resume-grace", "-1"], "argument --resume-grace: must be 0 seconds or more, not -1"),
         (["--resume-grace", "nan"], "argument --resume-grace: must be 0 seconds or more, not nan"),
         (["--log-level", "bogus"], "argument --log-level: invalid choice: 'BOGUS'"),
+        (["--metrics-port", "70000"], "argument --metrics-port: must be from 0 to 65535, not 70000"),
     ],
 )
 def test_the_server_refuses_bad_arguments(args: list[str], complaint: str) -> None:
