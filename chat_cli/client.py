@@ -30,7 +30,8 @@ from chat_cli.commands import (
     Who,
     parse,
 )
-from chat_cli.session import DEFAULT_HISTORY, Incoming, Session, SessionError, target
+from chat_cli.protocol import Incoming, SessionError
+from chat_cli.session import DEFAULT_HISTORY, Session, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from chat.v1 import chat_pb2
-from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
+from chat_cli.protocol import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 
 # Control characters could end the line or drive the terminal (a forged "* room lobby was closed" line, a new window
 # title), and bidi embeddings, overrides and isolates reorder what follows them. The server refuses them in what it

@@ -29,7 +29,7 @@ from chat_cli.commands import (
     parse,
     parse_admin,
 )
-from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
+from chat_cli.protocol import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 
 HINT = "/help lists the commands"
 

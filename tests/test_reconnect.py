@@ -17,7 +17,8 @@ import pytest
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
 from chat_cli import render
-from chat_cli.session import Incoming, Session, SessionError
+from chat_cli.protocol import Incoming, SessionError
+from chat_cli.session import Session
 from chat_service.server import ChatServer, Config
 from tests.conftest import ServerProcess, executable, running, start_server_process
 from tests.proc import Proc

@@ -8,7 +8,7 @@ import pytest
 
 from chat.v1 import chat_pb2 as pb
 from chat_cli import render
-from chat_cli.session import ConnectionLost, Incoming
+from chat_cli.protocol import ConnectionLost, Incoming
 
 FORGED = "hi\n* room lobby was closed by the server\r\x1b]0;pwned\x07\x1b[2J\u202eevil\x9b"
 # Anything a terminal acts on, or that reorders the rest of the line.
