@@ -177,10 +177,7 @@ class Protocol:
         stay = self.require_room()
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > MAX_LINE_BYTES:
-            raise SessionError(
-                f"not sent: a line is at most {MAX_LINE_BYTES:,} bytes of UTF-8 and this one has {size:,}; "
-                "split it into shorter lines"
-            )
+            raise SessionError(too_long(size))
         return stay, str(next(self._client_ids))
 
     def unanswered(self, stay: Stay) -> list[tuple[str, chat_pb2.ChatRequest]]:
@@ -350,6 +347,14 @@ class Protocol:
         return (
             f"the chat server at {self.address} went away ({end.code}); you are no longer in room {stay.room}{dropped}"
         )
+
+
+def too_long(size: int) -> str:
+    """Why a line of `size` bytes was not sent."""
+    return (
+        f"not sent: a line is at most {MAX_LINE_BYTES:,} bytes of UTF-8 and this one has {size:,}; "
+        "split it into shorter lines"
+    )
 
 
 def _dropped(stay: Stay) -> str:
