@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+from prompt_toolkit.output.vt100 import FG_ANSI_COLORS
 
+from chat_cli import render
 from tests.conftest import ServerProcess, executable, start_server_process
 from tests.proc import Proc, chat, run_admin, unused_port
 from tests.terminal import Terminal
@@ -310,6 +313,7 @@ def test_a_pasted_block_is_sent_one_message_per_line(server_process: ServerProce
         # A terminal wraps a paste in these markers; its line breaks then reach the prompt as text, not as Enter.
         term.type("\x1b[200~first line\r\nsecond line\n\nthird line\x1b[201~")
         term.type("\r")
+        term.expect("* pasted 3 lines: sending them as 3 messages")
         for line in ("alice : first line", "alice : second line", "alice : third line"):
             term.expect(line)
         term.expect("[lobby as alice]>")
@@ -448,3 +452,101 @@ def test_a_reader_that_goes_away_ends_the_client_quietly(server_process: ServerP
         alice.stdin.close()
         assert alice.wait(timeout=30) == 141
         assert alice.stderr.read() == b""
+
+
+# An SGR sequence that sets a foreground colour (30-37, 90-97), among other attributes.
+_COLOUR = re.compile(r"\x1b\[[0-9;]*?\b(3[0-7]|9[0-7])\b[0-9;]*m")
+
+
+def raw_line(term: Terminal, text: str) -> str:
+    """The last line `term` drew with `text` in it (once its escapes are taken out), escapes and all."""
+    return [line for line in term.raw.split("\r\n") if text in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line)][-1]
+
+
+def test_a_terminal_shows_times_nickname_colours_your_lines_and_mentions(server_process: ServerProcess) -> None:
+    with (
+        Terminal([executable("chat"), "--port", str(server_process.port)], server_process.env) as term,
+        chat(server_process) as bob,
+    ):
+        term.expect(">")
+        term.type("/create lobby alice\r")
+        term.expect("[lobby as alice]>")
+        bob.send("/join lobby bob")
+        term.expect("* bob joined")
+        bob.send("hi ALICE!")
+        bob.send("plain")
+        term.expect("bob : plain")
+        term.type("/me waves\r")
+        term.expect("* alice waves")
+        term.expect("[lobby as alice]>")
+        term.type("\x04")
+        assert term.wait() == 0
+    assert re.search(r"\[\d\d:\d\d\] bob : plain", term.seen)
+    bob_colour = FG_ANSI_COLORS[render.nick_colour("bob")]
+    assert f"\x1b[0;{bob_colour}mbob" in raw_line(term, "bob : plain")
+    # A line that names you is reversed (SGR 7), your own lines are bold (SGR 1).
+    assert ";7m" in raw_line(term, "hi ALICE!") and ";7m" not in raw_line(term, "bob : plain")
+    assert ";1m" in raw_line(term, "* alice waves")
+
+
+def test_no_color_and_no_timestamps_print_plain_lines(server_process: ServerProcess) -> None:
+    args = [executable("chat"), "--port", str(server_process.port), "--no-timestamps"]
+    with Terminal(args, {**server_process.env, "NO_COLOR": "1"}) as term:
+        term.expect(">")
+        term.type("/create lobby alice\r")
+        term.expect("[lobby as alice]>")
+        term.type("hello\r")
+        term.expect("alice : hello")
+        term.expect("[lobby as alice]>")
+        term.type("\x04")
+        assert term.wait() == 0
+    # No colour, and not the bold of your own lines either.
+    assert not _COLOUR.search(raw_line(term, "alice : hello"))
+    assert ";1m" not in raw_line(term, "alice : hello")
+    assert not re.search(r"\[\d\d:\d\d\]", term.seen)
+
+
+def test_tab_completes_commands_and_members(server_process: ServerProcess) -> None:
+    with (
+        Terminal([executable("chat"), "--port", str(server_process.port)], server_process.env) as term,
+        chat(server_process) as bob,
+    ):
+        term.expect(">")
+        term.type("/create lobby alice\r")
+        term.expect("[lobby as alice]>")
+        bob.send("/join lobby bob")
+        term.expect("* bob joined")
+        term.expect("[lobby as alice]>")
+        term.type("/whi\t")
+        term.expect("/whisper")
+        term.type(" b\t")
+        term.expect("bob")
+        term.type(" psst\r")
+        term.expect("(whisper to bob) alice : psst")
+        bob.expect("(whisper) alice : psst")
+        term.expect("[lobby as alice]>")
+        term.type("\x04")
+        assert term.wait() == 0
+
+
+def test_input_history_is_kept_across_runs_privately(server_process: ServerProcess, tmp_path: Path) -> None:
+    env = {**server_process.env, "XDG_STATE_HOME": str(tmp_path)}
+    args = [executable("chat"), "--port", str(server_process.port)]
+    with Terminal(args, env) as term:
+        term.expect(">")
+        term.type("/ls\r")
+        term.expect("no rooms yet")
+        term.expect(">")
+        term.type("\x04")
+        assert term.wait() == 0
+    history = tmp_path / "chat-service" / "history"
+    assert (history.parent.stat().st_mode & 0o777, history.stat().st_mode & 0o777) == (0o700, 0o600)
+    with Terminal(args, env) as term:
+        term.expect(">")
+        term.type("\x1b[A")  # the Up arrow brings back the line typed in the last run
+        term.expect("/ls")
+        term.type("\r")
+        term.expect("no rooms yet")
+        term.expect(">")
+        term.type("\x04")
+        assert term.wait() == 0
