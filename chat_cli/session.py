@@ -8,6 +8,7 @@ import itertools
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 
 import grpc
 
@@ -109,9 +110,11 @@ class _RefusedError(Exception):
 class Session:
     """One client's channel and at most one room membership; await one command at a time.
 
-    Create it inside a running event loop. Every event the server sends reaches `on_event` in order,
-    and always before the command that caused it (a join, a leave) returns. When the member's stream breaks, the
-    session resumes the stay by itself; no message is shown twice, and every line said is sent exactly once.
+    Use it as an async context manager: its tasks (a reader per stream, the reconnect loop, channels closing) run in
+    one task group, so that none outlives the session and none fails unseen. Every event the server sends reaches
+    `on_event` in order, and always before the command that caused it (a join, a leave) returns. When the member's
+    stream breaks, the session resumes the stay by itself; no message is shown twice, and every line said is sent
+    exactly once.
     """
 
     def __init__(
@@ -129,18 +132,24 @@ class Session:
         self._credentials = credentials
         self._channel = self._new_channel()
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._tasks = asyncio.TaskGroup()
         self._streams: dict[Feed, _Stream] = {}
         self._reconnect: asyncio.Task[None] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
         # Set while no line of the current stay waits for the server's answer.
         self._quiet = asyncio.Event()
         self._quiet.set()
 
     async def __aenter__(self) -> Session:
+        await self._tasks.__aenter__()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        try:
+            await self.close()
+        finally:
+            await self._tasks.__aexit__(exc_type, exc, traceback)
 
     @property
     def room(self) -> str | None:
@@ -240,7 +249,6 @@ class Session:
             stream.feed.leaving = True
             stream.call.cancel()
         await asyncio.gather(*(stream.reader for stream in streams))
-        await asyncio.gather(*self._retiring)
         await self._channel.close()
 
     async def _join(self, room: str, name: str | None, *, create: bool) -> chat_pb2.Joined | None:
@@ -302,15 +310,13 @@ class Session:
         """Make `channel` the session's; the old one closes once the calls still on it are done."""
         old, self._channel = self._channel, channel
         self._stub = chat_pb2_grpc.ChatServiceStub(channel)
-        retiring = asyncio.create_task(old.close(grace=CLOSE_TIMEOUT))
-        self._retiring.add(retiring)
-        retiring.add_done_callback(self._retiring.discard)
+        self._tasks.create_task(old.close(grace=CLOSE_TIMEOUT))
 
     def _open(self, stub: chat_pb2_grpc.ChatServiceAsyncStub, feed: Feed) -> _Stream:
         """Start a Chat call for `feed` and the task that reads it."""
         loop = asyncio.get_running_loop()
         stream = _Stream(stub.Chat(), feed, loop.create_future(), loop.create_future())
-        stream.reader = asyncio.create_task(self._read(stream))
+        stream.reader = self._tasks.create_task(self._read(stream))
         self._streams[feed] = stream
         stream.reader.add_done_callback(lambda _: self._streams.pop(feed, None))
         return stream
@@ -382,7 +388,7 @@ class Session:
     def _reconnect_later(self, feed: Feed) -> None:
         stay = feed.stay
         assert stay is not None, "only an answered feed loses its stay"
-        self._reconnect = asyncio.create_task(self._reconnect_loop(stay))
+        self._reconnect = self._tasks.create_task(self._reconnect_loop(stay))
 
     async def _reconnect_loop(self, stay: Stay) -> None:
         """Resume `stay` on fresh channels, waiting longer each time, until it is back, refused, or cancelled."""
