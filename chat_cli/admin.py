@@ -16,7 +16,8 @@ from prompt_toolkit import PromptSession
 from chat.v1 import chat_pb2, chat_pb2_grpc
 from chat_cli import options, render
 from chat_cli.commands import ADMIN_USAGE, AdminCommand, Help, Invalid, Kill, Ls, Prune, Quit, parse_admin
-from chat_cli.session import CONNECT_TIMEOUT, RPC_TIMEOUT, SessionError, UnreachableError, diagnose, target
+from chat_cli.protocol import SessionError
+from chat_cli.session import CONNECT_TIMEOUT, RPC_TIMEOUT, UnreachableError, diagnose, target
 from chat_cli.terminal import ctrl_c_keeps_prompting
 
 TOKEN_ENV_VAR = "CHAT_ADMIN_TOKEN"

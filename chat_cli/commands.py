@@ -29,6 +29,13 @@ class Say:
 
 
 @dataclass(frozen=True)
+class Me:
+    """Say what the member does (`/me waves` shows as `* alice waves`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Whisper:
     """Say a line to one member of the room."""
 
@@ -80,20 +87,22 @@ class Invalid:
     message: str
 
 
-Command = Create | Join | Say | Whisper | Leave | Who | Ls | Help | Quit | Invalid
+Command = Create | Join | Say | Me | Whisper | Leave | Who | Ls | Help | Quit | Invalid
 AdminCommand = Ls | Kill | Prune | Help | Quit | Invalid
 
 USAGE = """\
 commands:
   /create ROOM [NAME]   create ROOM and join it (NAME defaults to Unknown)
   /join ROOM [NAME]     join ROOM (NAME defaults to Unknown)
-  /ls                   list the rooms
+  /ls                   list the rooms (also /list)
   /who                  list the members of your room
-  /whisper NAME TEXT    say TEXT to NAME only (also /w)
+  /me ACTION            say what you do: /me waves shows as * NAME waves
+  /whisper NAME TEXT    say TEXT to NAME only (also /w, /msg)
   /leave                leave your room
   /help                 show this help
-  /quit                 leave your room and exit (also Ctrl-D)
-  TEXT                  say TEXT to your room; //TEXT says /TEXT"""
+  /quit                 leave your room and exit (also /exit, Ctrl-D)
+  TEXT                  say TEXT to your room; //TEXT says /TEXT
+Tab completes commands and the names of your room's members."""
 
 ADMIN_USAGE = """\
 commands:
@@ -104,6 +113,8 @@ commands:
   /quit                 exit (also Ctrl-D)"""
 
 _ALIASES = {"w": "whisper", "msg": "whisper", "exit": "quit", "list": "ls"}
+# What Tab completes after '/': every command and alias, in the order /help lists them.
+COMMAND_NAMES = ("create", "join", "ls", "list", "who", "me", "whisper", "w", "msg", "leave", "help", "quit", "exit")
 _ADMIN_ALIASES = {"exit": "quit", "list": "ls"}
 
 
@@ -126,6 +137,8 @@ def parse(line: str) -> Command | None:
             return Invalid(f"usage: /{word} ROOM [NAME]")
         name = args[1] if len(args) == 2 else None
         return Create(args[0], name) if word == "create" else Join(args[0], name)
+    if word == "me":
+        return Me(rest) if rest.strip() else Invalid("usage: /me ACTION")
     if word == "whisper":
         parts = rest.split(None, 1)
         if len(parts) != 2:

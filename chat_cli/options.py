@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from chat_cli.session import SessionError
+from chat_cli.protocol import SessionError
 
 
 def port(text: str) -> int:

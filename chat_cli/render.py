@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import re
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 
 from chat.v1 import chat_pb2
-from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
+from chat_cli.protocol import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 
 # Control characters could end the line or drive the terminal (a forged "* room lobby was closed" line, a new window
 # title), and bidi embeddings, overrides and isolates reorder what follows them. The server refuses them in what it
@@ -17,6 +18,25 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
 
 # A member list longer than this is told as a count: a crowd's names would fill the screen.
 MEMBERS_NAMED = 10
+# Nicknames take one of these colours by a hash of the name, so a member has the same colour in every run.
+NICK_COLOURS = (
+    "ansired",
+    "ansigreen",
+    "ansiyellow",
+    "ansiblue",
+    "ansimagenta",
+    "ansicyan",
+    "ansibrightred",
+    "ansibrightgreen",
+    "ansibrightyellow",
+    "ansibrightblue",
+    "ansibrightmagenta",
+    "ansibrightcyan",
+)
+OWN_STYLE = "bold"
+MENTION_STYLE = "reverse"
+NOTICE_STYLE = "ansibrightblack"
+ERROR_STYLE = "ansired bold"
 _LEFT_SUFFIX = {
     chat_pb2.LEAVE_REASON_DISCONNECTED: " (connection lost)",
     chat_pb2.LEAVE_REASON_TOO_SLOW: " (too slow, disconnected)",
@@ -48,7 +68,7 @@ def _event(incoming: Incoming, me: str) -> str:
     if kind == "joined":
         return joined(incoming.joined)
     if kind == "message":
-        return f"{incoming.message.sender} : {incoming.message.text}"
+        return said(incoming.message)
     if kind == "whisper":
         return whisper(incoming.whisper, me)
     if kind == "member_joined":
@@ -87,8 +107,19 @@ def whisper(event: chat_pb2.Whisper, me: str) -> str:
 
 def history(message: chat_pb2.Message) -> str:
     """A message from before the member joined, marked with the local time it was said (HH:MM)."""
-    said = time.strftime("%H:%M", time.localtime(message.sent_at.seconds))
-    return f"[history {said}] {message.sender} : {message.text}"
+    return f"[history {clock(message.sent_at.seconds)}] {said(message)}"
+
+
+def said(message: chat_pb2.Message) -> str:
+    """A line said to the room, or what its sender does (`* alice waves`) if it is an action."""
+    if message.action:
+        return f"* {message.sender} {message.text}"
+    return f"{message.sender} : {message.text}"
+
+
+def clock(seconds: float) -> str:
+    """A time as the local HH:MM."""
+    return time.strftime("%H:%M", time.localtime(seconds))
 
 
 def reconnecting(event: Reconnecting) -> str:
@@ -184,3 +215,63 @@ def error(message: str) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def pasted(lines: int) -> str:
+    """The notice that a pasted block goes out as one message per line."""
+    return f"* pasted {lines} lines: sending them as {lines} messages"
+
+
+def nick_colour(name: str) -> str:
+    """The colour of `name`, the same in every run and on every machine."""
+    return NICK_COLOURS[zlib.crc32(name.encode("utf-8", "surrogatepass")) % len(NICK_COLOURS)]
+
+
+def styled(line: str, incoming: Incoming | None, me: str) -> list[tuple[str, str]]:
+    """`line` (what `event` made of `incoming`) as prompt_toolkit style fragments: the sender's name in its colour,
+    your own lines bold, lines that mention `me` reversed, notices dimmed, errors red."""
+    if line.startswith("error: "):
+        return [(ERROR_STYLE, line)]
+    said_by = _sender_and_text(incoming)
+    if said_by is None:
+        return [(NOTICE_STYLE if line.startswith("* ") else "", line)]
+    sender, text = said_by
+    base = OWN_STYLE if sender == me else MENTION_STYLE if me and _mentions(text, me) else ""
+    name = safe(sender)
+    at = line.find(f"{name} : ")
+    if at < 0 and (at := line.find(f"* {name} ")) >= 0:
+        at += 2
+    if at < 0:
+        return [(base, line)]
+    end = at + len(name)
+    return [(base, line[:at]), (f"{base} {nick_colour(sender)}".strip(), name), (base, line[end:])]
+
+
+def sent_at(incoming: Incoming | None) -> float | None:
+    """When the server accepted the line `incoming` carries, in seconds since the epoch; None if it carries none."""
+    if isinstance(incoming, HistoryMessage):
+        return incoming.message.sent_at.seconds
+    if isinstance(incoming, chat_pb2.Event):
+        kind = incoming.WhichOneof("kind")
+        if kind == "message" and incoming.message.HasField("sent_at"):
+            return incoming.message.sent_at.seconds
+        if kind == "whisper" and incoming.whisper.HasField("sent_at"):
+            return incoming.whisper.sent_at.seconds
+    return None
+
+
+def _sender_and_text(incoming: Incoming | None) -> tuple[str, str] | None:
+    if isinstance(incoming, HistoryMessage):
+        return incoming.message.sender, incoming.message.text
+    if isinstance(incoming, chat_pb2.Event):
+        kind = incoming.WhichOneof("kind")
+        if kind == "message":
+            return incoming.message.sender, incoming.message.text
+        if kind == "whisper":
+            return incoming.whisper.sender, incoming.whisper.text
+    return None
+
+
+def _mentions(text: str, name: str) -> bool:
+    """Whether `text` names `name` as a word of its own, in any case."""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE) is not None

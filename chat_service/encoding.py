@@ -34,8 +34,8 @@ _EVENTS_TAG = b"\x0a"
 def to_proto(event: Event) -> pb.Event:
     """The protobuf form of a domain event."""
     match event:
-        case Message(seq, sender, text, sent_at_ns, client_id):
-            message = pb.Message(seq=seq, sender=sender, text=text, client_id=client_id)
+        case Message(seq, sender, text, sent_at_ns, client_id, action):
+            message = pb.Message(seq=seq, sender=sender, text=text, client_id=client_id, action=action)
             message.sent_at.FromNanoseconds(sent_at_ns)
             return pb.Event(message=message)
         case Whisper(sender, recipient, text, sent_at_ns, client_id):
@@ -63,8 +63,8 @@ def to_proto(event: Event) -> pb.Event:
             return pb.Event(members=pb.Members(names=names))
         case RoomClosed(room, reason):
             return pb.Event(room_closed=pb.RoomClosed(room=room, reason=_CLOSE_REASONS[reason]))
-        case Problem(error):
-            problem = pb.Error(code=error_code(error.kind), message=error.message)
+        case Problem(error, client_id):
+            problem = pb.Error(code=error_code(error.kind), message=error.message, client_id=client_id)
             if error.retry_after is not None:
                 problem.retry_after.FromNanoseconds(round(error.retry_after * 1e9))
             return pb.Event(error=problem)

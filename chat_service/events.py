@@ -64,6 +64,7 @@ class Message:
     text: str
     sent_at_ns: int
     client_id: str = ""
+    action: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +111,10 @@ class RoomClosed:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """A request of this member failed; its stream lives on."""
+    """A request of this member failed; its stream lives on. `client_id` is the failed request's, if it had one."""
 
     error: ChatError
+    client_id: str = ""
 
 
 Event = Joined | Message | Whisper | MemberJoined | MemberLeft | Members | RoomClosed | Problem

@@ -29,8 +29,9 @@ class Membership(Protocol[T]):
     def dropped(self) -> asyncio.Future[ChatError]:
         """Resolves when the server ends this membership itself: too slow to read, or resumed by another stream."""
 
-    async def say(self, text: str, client_id: str = "") -> None:
-        """Broadcast a line to the room, this member included, once per non-empty `client_id`; raises ChatError."""
+    async def say(self, text: str, client_id: str = "", *, action: bool = False) -> None:
+        """Broadcast a line (an action if `action`) to the room, this member included, once per non-empty
+        `client_id`; raises ChatError."""
 
     async def whisper(self, recipient: str, text: str, client_id: str = "") -> None:
         """Send a line to one member of the room and echo it to this one, once per `client_id`; raises ChatError."""
@@ -38,8 +39,9 @@ class Membership(Protocol[T]):
     async def leave(self, reason: LeaveReason = LeaveReason.LEFT) -> None:
         """Leave the room; safe to call more than once and after the room closed."""
 
-    def report(self, error: ChatError) -> None:
-        """Queue a failed request's error for this member alone, in order with its other events."""
+    def report(self, error: ChatError, client_id: str = "") -> None:
+        """Queue a failed request's error, naming its `client_id`, for this member alone, in order with its other
+        events."""
 
     async def deliver(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
         """Write this member's events with `write`, everything queued (up to a bound) at a time, until it ends."""

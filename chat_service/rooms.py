@@ -221,14 +221,14 @@ class Member(Generic[T]):
     def dropped(self) -> asyncio.Future[ChatError]:
         return self._dropped
 
-    async def say(self, text: str, client_id: str = "") -> None:
+    async def say(self, text: str, client_id: str = "", *, action: bool = False) -> None:
         room = self._joined_room()
         check_text(text)
         if client_id and self._resent(check_client_id(client_id)):
             return
         seq = room.history.last_seq + 1
         self._registry.stats.received["say"] += 1
-        item = self._registry.fan_out(room, Message(seq, self.name, text, time.time_ns(), client_id))
+        item = self._registry.fan_out(room, Message(seq, self.name, text, time.time_ns(), client_id, action))
         room.history.append(seq, item)
         if client_id:
             self._seat.remember(client_id, item)
@@ -266,8 +266,8 @@ class Member(Generic[T]):
         log.debug("%s left room %s (%s)", self.name, room.name, reason.name.lower())
         self._registry.announce(room, MemberLeft(self.name, reason))
 
-    def report(self, error: ChatError) -> None:
-        self.push(self._registry.encode(Problem(error)))
+    def report(self, error: ChatError, client_id: str = "") -> None:
+        self.push(self._registry.encode(Problem(error, client_id)))
 
     async def deliver(self, write: Callable[[list[T]], Awaitable[None]]) -> None:
         # Writes in flight are capped server-wide: the transport completes operations in order, so a flood of

@@ -159,18 +159,22 @@ async def _serve_requests(
     """Apply a joined member's requests in order, until `leave` or the end of the requests."""
     lines = limiter.lines(client_address(context.peer()), member.room, member.name) if limiter is not None else None
     async for raw in requests:
+        # The id of the line being answered, so that its error names it too.
+        client_id = ""
         try:
             request = _decode(pb.ChatRequest, raw, context)
             action = request.WhichOneof("action")
             if action == "say":
+                client_id = request.say.client_id
                 if lines is not None:
                     lines.charge()
-                await member.say(request.say.text, request.say.client_id)
+                await member.say(request.say.text, client_id, action=request.say.action)
             elif action == "whisper":
+                whisper = request.whisper
+                client_id = whisper.client_id
                 if lines is not None:
                     lines.charge()
-                whisper = request.whisper
-                await member.whisper(whisper.recipient, whisper.text, whisper.client_id)
+                await member.whisper(whisper.recipient, whisper.text, client_id)
             elif action == "leave":
                 await member.leave()
                 # Ending the call under requests the client still sends would fail its writes (grpc.aio calls
@@ -186,7 +190,7 @@ async def _serve_requests(
             else:
                 raise ChatError(ErrorKind.BAD_REQUEST, "the request has no action; set join, say, whisper or leave")
         except ChatError as error:
-            member.report(error)
+            member.report(error, client_id)
     # A vanished client ends the requests just as a half-close does, and neither said goodbye.
     await member.leave(LeaveReason.DISCONNECTED)
 

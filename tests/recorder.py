@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 from chat.v1 import chat_pb2 as pb
-from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
+from chat_cli.protocol import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 
 TIMEOUT = 10.0
 

@@ -25,6 +25,8 @@ class Terminal:
         self.screen = ""
         # Everything drawn so far, kept after `expect` has moved past it.
         self.seen = ""
+        # The same with its escapes, for tests of colour.
+        self.raw = ""
 
     def __enter__(self) -> Terminal:
         return self
@@ -65,6 +67,7 @@ class Terminal:
             chunk = os.read(self.fd, 4096)
         except OSError:  # Linux reports a pseudo-terminal closed by its program as EIO
             return False
+        self.raw += chunk.decode(errors="replace")
         text = _ANSI.sub("", chunk.decode(errors="replace"))
         self.screen += text
         self.seen += text

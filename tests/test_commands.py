@@ -21,6 +21,7 @@ from chat_cli.commands import (
     Kill,
     Leave,
     Ls,
+    Me,
     Prune,
     Quit,
     Say,
@@ -29,7 +30,7 @@ from chat_cli.commands import (
     parse,
     parse_admin,
 )
-from chat_cli.session import ConnectionLost, HistoryMessage, Incoming, Reconnecting
+from chat_cli.protocol import ConnectionLost, HistoryMessage, Incoming, Reconnecting
 
 HINT = "/help lists the commands"
 
@@ -56,6 +57,9 @@ HINT = "/help lists the commands"
         ("/whisper bob   spaced  out ", Whisper("bob", "spaced  out ")),
         ("/w bob hi", Whisper("bob", "hi")),
         ("/msg bob hi", Whisper("bob", "hi")),
+        ("/me waves  hello ", Me("waves  hello ")),
+        ("/me", Invalid("usage: /me ACTION")),
+        ("/me   ", Invalid("usage: /me ACTION")),
         ("/leave", Leave()),
         ("/who", Who()),
         ("/ls", Ls()),
@@ -114,6 +118,11 @@ def test_parse_admin(line: str, expected: AdminCommand | None) -> None:
         "/ls",
         "/who",
         "/whisper NAME TEXT",
+        "/me ACTION",
+        "/w,",
+        "/msg",
+        "/list",
+        "/exit",
         "/leave",
         "/help",
         "/quit",
@@ -133,6 +142,7 @@ def test_admin_usage_lists_every_command(command: str) -> None:
     ("incoming", "me", "line"),
     [
         (pb.Event(message=pb.Message(seq=1, sender="alice", text="hello all")), "bob", "alice : hello all"),
+        (pb.Event(message=pb.Message(seq=1, sender="alice", text="waves", action=True)), "bob", "* alice waves"),
         (pb.Event(whisper=pb.Whisper(sender="alice", recipient="bob", text="hi")), "bob", "(whisper) alice : hi"),
         (
             pb.Event(whisper=pb.Whisper(sender="alice", recipient="bob", text="hi")),

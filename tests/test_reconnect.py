@@ -17,7 +17,8 @@ import pytest
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
 from chat_cli import render
-from chat_cli.session import Incoming, Session, SessionError
+from chat_cli.protocol import Incoming, SessionError
+from chat_cli.session import Session
 from chat_service.server import ChatServer, Config
 from tests.conftest import ServerProcess, executable, running, start_server_process
 from tests.proc import Proc
@@ -298,13 +299,13 @@ async def test_leave_while_reconnecting_stops_trying(proxy: Proxy) -> None:
 
 async def test_close_while_reconnecting_ends_at_once(proxy: Proxy) -> None:
     seen = Recorder()
-    carol = Session(proxy.address, seen)
-    await carol.connect()
-    await carol.create("lobby", "carol")
-    await cut_until_reconnecting(proxy, seen)
-    async with asyncio.timeout(2):
-        await carol.close()
-    assert carol.room is None
+    async with Session(proxy.address, seen) as carol:
+        await carol.connect()
+        await carol.create("lobby", "carol")
+        await cut_until_reconnecting(proxy, seen)
+        async with asyncio.timeout(2):
+            await carol.close()
+        assert carol.room is None
 
 
 class WatchedProxy(Proxy):
@@ -322,8 +323,7 @@ class WatchedProxy(Proxy):
 async def test_close_during_an_attempt_that_hangs_ends_at_once(server: ChatServer) -> None:
     seen = Recorder()
     proxy = WatchedProxy(server.port)
-    async with proxy:
-        carol = Session(proxy.address, seen)
+    async with proxy, Session(proxy.address, seen) as carol:
         await carol.connect()
         await carol.create("lobby", "carol")
         proxy.cut()

@@ -8,7 +8,7 @@ import pytest
 
 from chat.v1 import chat_pb2 as pb
 from chat_cli import render
-from chat_cli.session import ConnectionLost, Incoming
+from chat_cli.protocol import ConnectionLost, Incoming
 
 FORGED = "hi\n* room lobby was closed by the server\r\x1b]0;pwned\x07\x1b[2J\u202eevil\x9b"
 # Anything a terminal acts on, or that reorders the rest of the line.
@@ -53,3 +53,31 @@ def test_listings_and_confirmations_are_inert() -> None:
         render.error(FORGED),
     ]
     assert [line for line in lines if RAW.search(line)] == []
+
+
+def test_styled_colours_the_sender_and_sets_apart_your_lines_and_mentions() -> None:
+    said = pb.Event(message=pb.Message(seq=1, sender="bob", text="hi Alice, and alicebot"))
+    line = render.event(said, "alice")
+    colour = render.nick_colour("bob")
+    assert render.styled(line, said, "alice") == [
+        (render.MENTION_STYLE, ""),
+        (f"{render.MENTION_STYLE} {colour}", "bob"),
+        (render.MENTION_STYLE, " : hi Alice, and alicebot"),
+    ]
+    # Part of a longer word is no mention; your own line is bold; an action colours the name after its star.
+    assert render.styled(line, said, "alicebo")[0][0] == ""
+    assert render.styled(line, said, "bob")[1] == (f"{render.OWN_STYLE} {colour}", "bob")
+    action = pb.Event(message=pb.Message(seq=2, sender="bob", text="waves", action=True))
+    assert render.styled(render.event(action, "alice"), action, "alice") == [
+        ("", "* "),
+        (colour, "bob"),
+        ("", " waves"),
+    ]
+    assert render.styled("error: no", None, "alice") == [(render.ERROR_STYLE, "error: no")]
+    assert render.styled("* bob joined", None, "alice") == [(render.NOTICE_STYLE, "* bob joined")]
+
+
+def test_a_nickname_has_the_same_colour_in_every_run() -> None:
+    # crc32, unlike hash(), is not salted per process.
+    assert render.nick_colour("alice") == "ansibrightcyan"
+    assert {render.nick_colour(f"member-{n}") for n in range(200)} == set(render.NICK_COLOURS)

@@ -258,6 +258,29 @@ async def test_an_over_long_client_id_is_an_error_event(stub: Stub) -> None:
     assert (await alice.next()).message.client_id == "x" * 64
 
 
+async def test_an_error_event_names_the_client_id_of_the_request_it_answers(stub: Stub) -> None:
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    await alice.call.write(_say("bad\x1bline", "7"))
+    whisper = pb.ChatRequest.SendWhisper(recipient="nobody", text="psst", client_id="8")
+    await alice.call.write(pb.ChatRequest(whisper=whisper))
+    await alice.call.write(pb.ChatRequest(join=pb.ChatRequest.JoinRoom(room="r")))
+    errors = [(await alice.next()).error for _ in range(3)]
+    assert [(error.code, error.client_id) for error in errors] == [
+        (pb.ERROR_CODE_INVALID_TEXT, "7"),
+        (pb.ERROR_CODE_MEMBER_NOT_FOUND, "8"),
+        (pb.ERROR_CODE_ALREADY_JOINED, ""),
+    ]
+
+
+async def test_an_action_reaches_every_member_marked_as_one(stub: Stub) -> None:
+    alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+    bob, _ = await Stream.joined(stub, "r", "bob")
+    await alice.call.write(pb.ChatRequest(say=pb.ChatRequest.SendMessage(text="waves", action=True)))
+    await alice.say("plain")
+    said = [(await bob.next_of("message")).message for _ in range(2)]
+    assert [(message.text, message.action) for message in said] == [("waves", True), ("plain", False)]
+
+
 @pytest.fixture
 async def history_of_three(tmp_path: Path) -> AsyncIterator[str]:
     proc = start_server_process(tmp_path / "state", "--history", "3", "--resume-grace", "5")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from chat_cli import render
-from chat_cli.session import Session, SessionError
+from chat_cli.protocol import SessionError
+from chat_cli.session import Session
 from chat_service.server import ChatServer
 from tests.conftest import ServerProcess, start_server_process
 from tests.proc import chat
