@@ -10,6 +10,7 @@ import grpc
 import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
@@ -77,11 +78,14 @@ def test_members_chat_and_an_admin_kills_over_tls(tls_server: ServerProcess, pki
         assert alice.finish() == 0
 
 
-def test_health_answers_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
+def test_health_and_reflection_answer_over_tls(tls_server: ServerProcess, pki: Pki) -> None:
     credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
     with grpc.secure_channel(tls_server.address, credentials) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (listed,) = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]), timeout=10)
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert "chat.v1.ChatService" in {service.name for service in listed.list_services_response.service}
 
 
 def test_a_plaintext_client_is_told_the_server_wants_tls(tls_server: ServerProcess) -> None:
