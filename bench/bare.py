@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event as ProcessEvent
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -115,38 +115,65 @@ class _Stream:
             self.waiter.set_result(None)
 
 
-async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, results: Queue[Result]) -> None:
-    message = pb.Event(message=pb.Message(seq=1, sender="alice", text="x" * 40))
-    message.message.sent_at.GetCurrentTime()
-    payload = pb.ChatResponse(events=[message] * case.events).SerializeToString()
-    slots: contextlib.AbstractAsyncContextManager[object] = (
-        asyncio.Semaphore(case.in_flight) if case.in_flight else contextlib.nullcontext()
-    )
-    paced = case.interval_ns > 0
-    groups: list[list[_Stream]] = [[] for _ in range(case.groups)]
-    all_open = asyncio.Event()
-    go = asyncio.Event()
-    finish = asyncio.Event()
+class _Servicer:
+    """The Chat method with no chat code: each stream waits for Go, writes its share, then waits to be ended."""
 
-    async def chat(requests: object, context: grpc.aio.ServicerContext[object, bytes]) -> None:
-        opened = sum(len(group) for group in groups)
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        message = pb.Event(message=pb.Message(seq=1, sender="alice", text="x" * 40))
+        message.message.sent_at.GetCurrentTime()
+        self.message = message
+        self.batches: dict[int, bytes] = {}
+        self.slots: contextlib.AbstractAsyncContextManager[object] = (
+            asyncio.Semaphore(case.in_flight) if case.in_flight else contextlib.nullcontext()
+        )
+        self.groups: list[list[_Stream]] = [[] for _ in range(case.groups)]
+        self.all_open = asyncio.Event()
+        self.go = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    def batch(self, due: int) -> bytes:
+        """One pre-encoded ChatResponse carrying `due` writes' worth of events."""
+        if due not in self.batches:
+            events = [self.message] * (self.case.events * due)
+            self.batches[due] = pb.ChatResponse(events=events).SerializeToString()
+        return self.batches[due]
+
+    async def chat(self, requests: object, context: grpc.aio.ServicerContext[object, bytes]) -> None:
+        case, slots = self.case, self.slots
+        opened = sum(len(group) for group in self.groups)
         stream = _Stream()
-        groups[opened % case.groups].append(stream)
+        self.groups[opened % case.groups].append(stream)
         if opened + 1 == case.streams:
-            all_open.set()
-        await go.wait()
+            self.all_open.set()
+        await self.go.wait()
+        if case.interval_ns:
+            await self._paced(stream, context)
+        else:
+            payload = self.batch(1)
+            for _ in range(case.rounds):
+                async with slots:
+                    await context.write(payload)
+        await self.finish.wait()
+
+    async def _paced(self, stream: _Stream, context: grpc.aio.ServicerContext[object, bytes]) -> None:
         loop = asyncio.get_running_loop()
-        for _ in range(case.rounds):
-            while paced and not stream.due:
+        written = 0
+        while written < self.case.rounds:
+            while not stream.due:
                 stream.waiter = loop.create_future()
                 await stream.waiter
-            stream.due -= 1
-            async with slots:
-                await context.write(payload)
-        await finish.wait()
+            async with self.slots:
+                # As the chat server does, one write carries every event due by the time a slot is free.
+                due, stream.due = stream.due, 0
+                written += due
+                await context.write(self.batch(due))
 
+
+async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, results: Queue[Result]) -> None:
+    servicer = _Servicer(case)
     handler = grpc.method_handlers_generic_handler(
-        SERVICE, {"Chat": grpc.stream_stream_rpc_method_handler(chat, response_serializer=None)}
+        SERVICE, {"Chat": grpc.stream_stream_rpc_method_handler(servicer.chat, response_serializer=None)}
     )
     # With gRPC's default backlog of calls not yet taken up, some of 1400 or more streams opened together fail.
     server = grpc.aio.server(options=BACKLOG_OPTIONS)
@@ -156,11 +183,11 @@ async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, re
     rss_start = procstat.rss_kib()
     senders: list[asyncio.Task[None]] = []
     try:
-        await asyncio.wait_for(all_open.wait(), TIMEOUT)
+        await asyncio.wait_for(servicer.all_open.wait(), TIMEOUT)
         cpu, start = procstat.cpu_seconds(), time.monotonic()
-        go.set()
-        if paced:
-            senders = _start_senders(case, groups)
+        servicer.go.set()
+        if case.interval_ns:
+            senders = _start_senders(case, servicer.groups)
         if not await asyncio.to_thread(read_all.wait, TIMEOUT):
             raise TimeoutError("the reader did not read every write in time")
         cpu, wall = procstat.cpu_seconds() - cpu, time.monotonic() - start
@@ -169,7 +196,7 @@ async def _serve_async(case: Case, ports: Queue[int], read_all: ProcessEvent, re
         rss = (procstat.rss_kib() - rss_start) / case.streams
         results.put(Result(case, cpu, wall, rss))
     finally:
-        finish.set()
+        servicer.finish.set()
         for task in senders:
             task.cancel()
         # A grace period lets every stream end with OK rather than be cancelled.
@@ -212,14 +239,17 @@ async def _read_async(case: Case, port: int, read_all: ProcessEvent, done: Proce
         async with gate:
             call = chat_pb2_grpc.ChatServiceStub(channels[index // case.per_connection]).Chat()
             await call.wait_for_connection()
-        for _ in range(case.rounds):
-            if await call.read() is grpc.aio.EOF:
+        events = 0
+        while events < case.rounds * case.events:
+            response = await call.read()
+            if response is grpc.aio.EOF:
                 raise RuntimeError(f"stream {index} ended before its {case.rounds} writes")
+            events += len(cast(pb.ChatResponse, response).events)
         remaining -= 1
         if not remaining:
             everything.set()
         if await call.read() is not grpc.aio.EOF:
-            raise RuntimeError(f"stream {index} got more than {case.rounds} writes")
+            raise RuntimeError(f"stream {index} got more than {case.rounds * case.events} events")
 
     tasks = [asyncio.create_task(one(index)) for index in range(case.streams)]
     try:
