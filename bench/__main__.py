@@ -185,10 +185,6 @@ def _print(outcomes: list[Outcome], cpus: int, elapsed: float) -> None:
     if evidence:
         print("Bottleneck (the side whose event loop never waited for work):")
         print("\n".join(evidence))
-    scaling = report.scaling(outcomes)
-    if scaling:
-        print("\nServer CPU per delivery along the scale series:")
-        print("\n".join(scaling))
     against = report.goals(outcomes)
     if against:
         print("\nAgainst the goals (informational):")

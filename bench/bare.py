@@ -23,6 +23,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any, TypeVar, cast
 
 import grpc
+import uvloop
 
 from bench import procstat
 from chat.v1 import chat_pb2 as pb
@@ -55,7 +56,6 @@ class Case:
     senders: int = 1
     interval_ns: int = 0
     memory: bool = False  # wait for the server to settle, as the chat benchmark does, before reading its memory
-    loop: str = "uvloop"
 
     @property
     def writes(self) -> int:
@@ -86,18 +86,13 @@ def raise_open_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _run(loop: str, main: Coroutine[Any, Any, None]) -> None:
+def _run(main: Coroutine[Any, Any, None]) -> None:
     raise_open_files()
-    if loop == "uvloop":
-        import uvloop  # noqa: PLC0415
-
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
+    uvloop.run(main)
 
 
 def _serve(case: Case, ports: Queue[int], read_all: ProcessEvent, results: Queue[Result]) -> None:
-    _run(case.loop, _serve_async(case, ports, read_all, results))
+    _run(_serve_async(case, ports, read_all, results))
 
 
 class _Stream:
@@ -224,7 +219,7 @@ def _start_senders(case: Case, groups: list[list[_Stream]]) -> list[asyncio.Task
 
 
 def _read(case: Case, port: int, read_all: ProcessEvent, done: ProcessEvent) -> None:
-    _run("uvloop", _read_async(case, port, read_all, done))
+    _run(_read_async(case, port, read_all, done))
 
 
 async def _read_async(case: Case, port: int, read_all: ProcessEvent, done: ProcessEvent) -> None:
@@ -348,9 +343,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1],
         help="streams sharing one TCP connection, a list (default: 1, a connection per stream as chat users have)",
     )
-    parser.add_argument(
-        "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="the server's event loop (default: uvloop)"
-    )
     args = parser.parse_args(argv)
     if args.streams < 1 or args.rounds < 1 or 0 in args.events or 0 in args.streams_per_connection:
         parser.error("--streams, --rounds and every --events and --streams-per-connection value must be at least 1")
@@ -360,12 +352,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Measure every combination of --streams-per-connection, --events and --in-flight and print a row for each."""
     args = parse_args(argv)
-    print(f"bare grpc.aio server ({args.loop}), {args.streams} streams x {args.rounds} writes, read by another process")
+    print(f"bare grpc.aio server (uvloop), {args.streams} streams x {args.rounds} writes, read by another process")
     print(f"{'streams/conn':>12} {'events/write':>12} {'in flight':>10} {'µs/write':>9} {'µs/event':>9} {'wall s':>7}")
     for per_connection in args.streams_per_connection:
         for events in args.events:
             for in_flight in args.in_flight:
-                case = Case(args.streams, args.rounds, events, in_flight, per_connection, loop=args.loop)
+                case = Case(args.streams, args.rounds, events, in_flight, per_connection)
                 result = measure(case)
                 cap = str(in_flight) if in_flight else "no cap"
                 print(

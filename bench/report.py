@@ -225,22 +225,6 @@ def goals(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
-def scaling(outcomes: Sequence[Outcome]) -> list[str]:
-    """How the cost per delivery grows along the scale series, relative to the smallest shape of each."""
-    lines: list[str] = []
-    for prefix, label in (("rooms-", "rooms of equal size"), ("members-", "members in one room")):
-        series = [o for o in outcomes if o.shape.name.startswith(prefix) and o.median is not None]
-        costs = [(o, o.median.server_us_per_delivery) for o in series if o.median is not None]
-        known = [(o, cost) for o, cost in costs if cost]
-        if len(known) < 2:
-            continue
-        base = known[0][1]
-        assert base is not None
-        parts = [f"{o.shape.name} {cost:.2f} µs (x{cost / base:.2f})" for o, cost in known if cost is not None]
-        lines.append(f"  {label}: " + ", ".join(parts))
-    return lines
-
-
 def as_json(outcome: Outcome) -> dict[str, object]:
     """One shape's entry in results.json."""
     return {
