@@ -85,7 +85,7 @@ class Check:
     out_of_order: int = 0  # messages that did not come with the next expected sequence number
     extra: int = 0  # messages beyond the number said (a sequence number past the last)
     incomplete: int = 0  # members that did not receive every message
-    evicted: int = 0  # members dropped by the server with RESOURCE_EXHAUSTED
+    dropped: int = 0  # members whose stream the server ended with RESOURCE_EXHAUSTED (too slow)
     stream_errors: int = 0  # members whose stream failed with another status
     examples: list[str] = field(default_factory=list)
 
@@ -98,7 +98,7 @@ class Check:
             or self.out_of_order
             or self.extra
             or self.incomplete
-            or self.evicted
+            or self.dropped
             or self.stream_errors
         )
 
@@ -110,7 +110,7 @@ class Check:
         self.out_of_order += other.out_of_order
         self.extra += other.extra
         self.incomplete += other.incomplete
-        self.evicted += other.evicted
+        self.dropped += other.dropped
         self.stream_errors += other.stream_errors
         self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
 
@@ -126,7 +126,7 @@ class Check:
                 (self.out_of_order, "out of order"),
                 (self.extra, "extra"),
                 (self.incomplete, "members incomplete"),
-                (self.evicted, "members evicted as too slow"),
+                (self.dropped, "members dropped as too slow"),
                 (self.stream_errors, "streams failed"),
             )
             if value

@@ -15,13 +15,10 @@ from bench.shapes import Kind, Shape
 BUSY = 0.9  # an event loop busy (running or waiting for a CPU) this much of the time never waits for work
 NOISE = 0.2  # CPUs used by other processes beyond which the figures are suspect
 
-# The issue's targets: (figure, floor, goal), server CPU µs per delivery unless the figure says otherwise.
-TARGETS: dict[str, list[tuple[str, float, float]]] = {
-    "burst-10x100": [("server_us_per_delivery", 1.5, 0.76)],
-    "burst-1x1000": [("server_us_per_delivery", 1.5, 0.75)],
-    "steady-10x100": [("server_us_per_delivery", 13.0, 6.4), ("latency_p99_ms", 5.0, 1.6)],
-    "idle-2000": [("rss_per_member_kib", 32.0, 9.7)],
-}
+# Goals (issue #13): the chat server's CPU per delivery within this factor of its bare floor in every shape, and an
+# idle member's memory at most 32 KB.
+RATIO_GOAL = 1.2
+IDLE_GOAL_KIB = 32_000 / 1024
 
 
 @dataclass
@@ -41,7 +38,7 @@ class Outcome:
 
 
 def _run_ok(run: RunResult) -> bool:
-    return run.check.ok and run.server_dropped_members == 0 and run.server_exit_code in (0, None)
+    return run.check.ok and run.server_exit_code in (0, None)
 
 
 def median(runs: Sequence[RunResult]) -> RunResult:
@@ -58,10 +55,8 @@ def median(runs: Sequence[RunResult]) -> RunResult:
             values[item.name] = check
         elif item.name == "server_exit_code":
             values[item.name] = next((code for code in column if code != 0), 0)
-        elif all(isinstance(value, float) for value in column):
+        elif column and all(isinstance(value, float) for value in column):
             values[item.name] = statistics.median(column)
-        elif item.name == "server_dropped_members":
-            values[item.name] = max(column)
         elif all(isinstance(value, int) for value in column) and item.name.startswith(("rss", "deliveries")):
             values[item.name] = round(statistics.median(column))
         else:
@@ -109,19 +104,32 @@ COLUMNS = (
     ("shape", "<", 16),
     ("members", ">", 7),
     ("deliveries", ">", 10),
-    ("wall s", ">", 6),
     ("deliv/s", ">", 8),
     ("srv µs/deliv", ">", 12),
+    ("floor µs", ">", 8),
+    ("x floor", ">", 7),
+    ("ev/batch", ">", 8),
     ("srv CPU", ">", 7),
     ("gen CPU", ">", 7),
-    ("ev/batch", ">", 8),
     ("p50 ms", ">", 7),
     ("p99 ms", ">", 7),
-    ("max ms", ">", 7),
     ("RSS/member", ">", 10),
+    ("floor RSS", ">", 9),
     ("delivery", "<", 8),
     ("bottleneck", "<", 16),
 )
+
+
+def ratio(run: RunResult) -> float | None:
+    """The chat server's cost over its bare floor: CPU per delivery, or memory per member for idle shapes."""
+    pairs = (
+        (run.server_us_per_delivery, run.floor_us_per_delivery),
+        (run.rss_per_member_kib, run.floor_rss_per_member_kib),
+    )
+    for value, floor in pairs:
+        if value is not None and floor:
+            return value / floor
+    return None
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -134,26 +142,27 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
     for outcome in outcomes:
         run = outcome.median
         if run is None:
-            lines.append(_row([outcome.shape.name, *["-"] * 12, "FAILED", "-"]))
+            lines.append(_row([outcome.shape.name, *["-"] * 13, "FAILED", "-"]))
             continue
-        rss = f"{run.rss_per_member_kib:.1f} KiB" if run.rss_per_member_kib is not None else "-"
         kind = outcome.shape.kind
+        busy = kind is not Kind.IDLE
         lines.append(
             _row(
                 [
                     outcome.shape.name,
                     f"{run.members:,}",
-                    f"{run.deliveries:,}" if kind is not Kind.IDLE else "-",
-                    _num(run.wall_seconds) if kind is not Kind.IDLE else "-",
-                    _num(run.deliveries_per_second, thousands=True) if kind is not Kind.IDLE else "-",
+                    f"{run.deliveries:,}" if busy else "-",
+                    _num(run.deliveries_per_second, thousands=True) if busy else "-",
                     _num(run.server_us_per_delivery),
-                    _num(run.server_cpu_share) if kind is not Kind.IDLE else "-",
-                    _num(run.loadgen_cpu_share) if kind is not Kind.IDLE else "-",
+                    _num(run.floor_us_per_delivery),
+                    _num(ratio(run)),
                     _num(run.events_per_batch, 1),
+                    _num(run.server_cpu_share) if busy else "-",
+                    _num(run.loadgen_cpu_share) if busy else "-",
                     _num(run.latency_p50_ms),
                     _num(run.latency_p99_ms),
-                    _num(run.latency_max_ms, 1),
-                    rss,
+                    _num(run.rss_per_member_kib, 1),
+                    _num(run.floor_rss_per_member_kib, 1),
                     "ok" if outcome.ok else "FAILED",
                     bottleneck(run, kind),
                 ]
@@ -174,8 +183,6 @@ def failures(outcomes: Sequence[Outcome]) -> list[str]:
             if _run_ok(run):
                 continue
             problems = [] if run.check.ok else [run.check.summary()]
-            if run.server_dropped_members:
-                problems.append(f"the server dropped {run.server_dropped_members} member(s) as too slow")
             if run.server_exit_code not in (0, None):
                 problems.append(f"the server exited with code {run.server_exit_code} on SIGTERM")
             lines.append(f"    run {index}: " + "; ".join(problems))
@@ -200,36 +207,21 @@ def warnings(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
-def targets(outcomes: Sequence[Outcome]) -> list[str]:
-    """Each figure the issue sets a target for, against its floor and goal (informational, never a failure)."""
+def goals(outcomes: Sequence[Outcome]) -> list[str]:
+    """Each shape against the goals: cost within 1.2x its floor, idle memory within 32 KB (never a failure)."""
     lines: list[str] = []
     for outcome in outcomes:
         run = outcome.median
-        for figure, floor, goal in TARGETS.get(outcome.shape.name, []):
-            value = getattr(run, figure) if run is not None else None
-            if value is None:
-                continue
-            verdict = "meets goal" if value <= goal else "meets floor" if value <= floor else "misses floor"
-            lines.append(
-                f"  {outcome.shape.name:<14} {figure:<24} {value:>8.2f}   floor <= {floor:<5g} goal <= {goal:<5g} "
-                f"{verdict}"
-            )
-    return lines
-
-
-def scaling(outcomes: Sequence[Outcome]) -> list[str]:
-    """How the cost per delivery grows along the scale series, relative to the smallest shape of each."""
-    lines: list[str] = []
-    for prefix, label in (("rooms-", "rooms of equal size"), ("members-", "members in one room")):
-        series = [o for o in outcomes if o.shape.name.startswith(prefix) and o.median is not None]
-        costs = [(o, o.median.server_us_per_delivery) for o in series if o.median is not None]
-        known = [(o, cost) for o, cost in costs if cost]
-        if len(known) < 2:
+        if run is None or outcome.same_as is not None:
             continue
-        base = known[0][1]
-        assert base is not None
-        parts = [f"{o.shape.name} {cost:.2f} µs (x{cost / base:.2f})" for o, cost in known if cost is not None]
-        lines.append(f"  {label}: " + ", ".join(parts))
+        found = ratio(run)
+        if found is not None:
+            verdict = "meets" if found <= RATIO_GOAL else "misses"
+            lines.append(f"  {outcome.shape.name:<16} {found:5.2f} x its floor: {verdict} <= {RATIO_GOAL:g} x")
+        if run.rss_per_member_kib is not None:
+            kib = run.rss_per_member_kib
+            verdict = "meets" if kib <= IDLE_GOAL_KIB else "misses"
+            lines.append(f"  {outcome.shape.name:<16} {kib * 1.024:5.1f} KB per idle member: {verdict} <= 32 KB")
     return lines
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -11,11 +12,12 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import TypeVar
 
-from bench import procstat, worker
+from bench import bare, procstat, worker
 from bench.procstat import Sched
 from bench.protocol import Check, Done, End, Failed, Final, Go, Join, Opened, Report, Settled, WorkerPlan
 from bench.server import ServerError, ServerProcess
 from bench.shapes import Kind, Shape, assign, waves
+from chat_service.rooms import DEFAULT_WRITE_SLOTS
 
 R = TypeVar("R", Opened, Settled, Done, Final)
 
@@ -27,15 +29,20 @@ class BenchError(Exception):
     """The run could not be completed (a worker failed or timed out); not a verdict on the server."""
 
 
-STREAMS_PER_CHANNEL = 64
+# Chat users each have a connection of their own; a gateway or bridge multiplexes its members over a few.
+STREAMS_PER_CHANNEL = 1
+MULTIPLEXED = 64
+# Connections one load-generator process holds at most, so that none of them is the bottleneck of the larger shapes.
+CONNECTIONS_PER_WORKER = 1000
 
 
 @dataclass(frozen=True)
 class Options:
-    """How the load generator is laid out."""
+    """How the load generator is laid out; `workers` None picks one per CPU, more for many connections."""
 
-    workers: int
+    workers: int | None = None
     streams_per_channel: int = STREAMS_PER_CHANNEL
+    floor: bool = True  # measure each run's floor: the same writes from a bare grpc.aio server
     open_concurrency: int = 128
     wave_size: int = 256
     max_queue: int | None = None
@@ -74,7 +81,9 @@ class RunResult:
     rss_after_kib: int
     rss_per_member_kib: float | None
     server_exit_code: int | None
-    server_dropped_members: int
+    # The same writes (or idle streams) from a bare grpc.aio server, measured right after: what no chat code can beat.
+    floor_us_per_delivery: float | None = None
+    floor_rss_per_member_kib: float | None = None
     check: Check = field(default_factory=Check)
 
 
@@ -110,8 +119,47 @@ def limits(shape: Shape) -> _Limits:
     return _Limits(join, run, 30.0)
 
 
+def workers_for(shape: Shape, options: Options) -> int:
+    """Load-generator processes for `shape`: as asked, else one per CPU and at most 1000 connections each."""
+    if options.workers is not None:
+        return options.workers
+    connections = -(-shape.total_members // options.streams_per_channel)
+    return max(os.cpu_count() or 2, -(-connections // CONNECTIONS_PER_WORKER))
+
+
 def run_once(shape: Shape, options: Options) -> RunResult:
-    """Run `shape` once against a fresh server; raises ServerError or BenchError when it cannot finish."""
+    """Run `shape` once against a fresh server, then its floor; raises ServerError or BenchError if it cannot finish."""
+    result = _run_chat(shape, options)
+    if options.floor:
+        try:
+            floor = bare.measure(floor_case(shape, result, options))
+        except (RuntimeError, TimeoutError) as error:
+            raise BenchError(f"the bare floor failed: {error}") from None
+        if shape.kind is Kind.IDLE:
+            result.floor_rss_per_member_kib = floor.rss_per_stream_kib
+        else:
+            result.floor_us_per_delivery = floor.us_per_event
+    return result
+
+
+def floor_case(shape: Shape, result: RunResult, options: Options) -> bare.Case:
+    """The bare writes that match a run: as many streams on as many connections, writes of as many events."""
+    per_connection = options.streams_per_channel
+    members = shape.total_members
+    if shape.kind is Kind.IDLE:
+        return bare.Case(members, 1, 1, DEFAULT_WRITE_SLOTS, per_connection, memory=True)
+    if shape.kind is Kind.STEADY:
+        interval = int(shape.seconds * 1e9 / shape.messages)
+        return bare.Case(
+            members, shape.room_messages, 1, DEFAULT_WRITE_SLOTS, per_connection, shape.rooms, shape.senders, interval
+        )
+    batch = result.events_per_batch or 1.0
+    rounds = max(1, round(result.deliveries / batch / members))
+    events = max(1, round(result.deliveries / rounds / members))
+    return bare.Case(members, rounds, events, DEFAULT_WRITE_SLOTS, per_connection)
+
+
+def _run_chat(shape: Shape, options: Options) -> RunResult:
     limit = limits(shape)
     server = ServerProcess(options.max_queue)
     handles: list[_Handle] = []
@@ -182,7 +230,6 @@ def run_once(shape: Shape, options: Options) -> RunResult:
         rss_after_kib=rss_after,
         rss_per_member_kib=(rss_joined - rss_start) / idle_members if idle_members else None,
         server_exit_code=exit_code,
-        server_dropped_members=server.dropped,
         check=check,
     )
 
@@ -193,7 +240,7 @@ def _spawn(handles: list[_Handle], shape: Shape, options: Options, address: str,
     room_sizes = {f"r{r}": shape.members for r in range(shape.rooms)}
     steady = shape.kind is Kind.STEADY
     interval = int(shape.seconds * 1e9 / shape.messages) if steady and shape.messages else 0
-    shares = [members for members in assign(shape, options.workers, options.wave_size) if members]
+    shares = [members for members in assign(shape, workers_for(shape, options), options.wave_size) if members]
     for index, members in enumerate(shares):
         plan = WorkerPlan(
             index=index,
@@ -289,23 +336,9 @@ def _collect(handles: list[_Handle], kind: type[R], timeout: float, server: Serv
 
 
 def _stop_workers(handles: list[_Handle], patience: float) -> None:
-    stop_processes([handle.process for handle in handles], patience)
+    bare.stop_processes([handle.process for handle in handles], patience)
     for handle in handles:
         handle.conn.close()
-
-
-def stop_processes(processes: list[BaseProcess], patience: float) -> None:
-    """Give processes `patience` seconds to exit on their own, then terminate and finally kill the stragglers."""
-    deadline = time.monotonic() + patience
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(2)
-        if process.is_alive():
-            process.kill()
-            process.join(2)
 
 
 def _percentiles(samples: array[int]) -> tuple[float | None, float | None, float | None]:

@@ -65,7 +65,6 @@ class ServerProcess:
         self.pid = self.process.pid
         self.tail: deque[str] = deque(maxlen=40)
         self.stderr: deque[str] = deque(maxlen=40)
-        self.dropped = 0  # members the server logged as dropped for reading too slowly
         self._terminated = False
         self._lines: queue.Queue[str | None] = queue.Queue()
         assert self.process.stdout is not None and self.process.stderr is not None
@@ -81,8 +80,6 @@ class ServerProcess:
         for raw in stream:
             line = raw.rstrip("\n")
             self.tail.append(line)
-            if "for reading too slowly" in line:
-                self.dropped += 1
             if line.startswith(LISTENING):
                 self._lines.put(line)
         self._lines.put(None)

@@ -16,6 +16,7 @@ import grpc
 import uvloop
 
 from bench import procstat
+from bench.bare import CHANNEL_OPTIONS, raise_open_files
 from bench.protocol import Check, Command, Done, End, Failed, Final, Go, Join, Opened, Report, Settled, WorkerPlan
 from bench.shapes import MemberSpec, room_size_after
 from chat.v1 import chat_pb2 as pb
@@ -24,9 +25,6 @@ from chat.v1 import chat_pb2_grpc
 if TYPE_CHECKING:
     ChatCall = grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse]
 
-# A private subchannel pool per channel gives each channel its own TCP connection; without it grpc would
-# multiplex every channel to the same address over one connection.
-CHANNEL_OPTIONS: list[tuple[str, int]] = [("grpc.use_local_subchannel_pool", 1)]
 MAX_EXAMPLES = 10
 STALL_SECONDS = 10.0  # no delivery for this long, with messages missing, ends the measured phase
 
@@ -58,6 +56,7 @@ class _Member:
         "senders",
         "sent",
         "spec",
+        "unwatched",
         "waiter",
         "worker",
     )
@@ -87,6 +86,7 @@ class _Member:
         self.next_index: dict[str, int] = {}
         self.sent = 0
         self.acked = 0
+        self.unwatched = False  # the room's watcher is gone: nothing will acknowledge this sender's messages
         self.waiter: asyncio.Future[None] | None = None
 
     @property
@@ -136,17 +136,22 @@ class _Member:
                     self.closed = False
                     await call.done_writing()
         except grpc.aio.AioRpcError as error:
+            # The server ends a too-slow member's stream with RESOURCE_EXHAUSTED: the count of dropped members.
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self.check.evicted += 1
-                self._example(f"evicted: {error.details()}")
+                self.check.dropped += 1
+                self._example(f"dropped as too slow: {error.details()}")
             elif not self.complete:
                 self.check.stream_errors += 1
                 self._example(f"stream failed: {error.code().name} {error.details()}")
         finally:
-            # A stream that ended hears nothing more: it must not hold the others up.
+            # A stream that ended hears nothing more: it must not hold the others up, nor its senders' windows.
             self.ended = True
             self._caught_up()
             self._complete(time.monotonic_ns())
+            for sender in (self.senders or {}).values():
+                sender.unwatched = True
+                if sender.waiter is not None and not sender.waiter.done():
+                    sender.waiter.set_result(None)
 
     def consume(self, events: Sequence[pb.Event], now: int) -> None:
         """Check one batch of events: the hot path of the load generator, so it keeps state in locals."""
@@ -248,7 +253,7 @@ class _Member:
         assert call is not None
         loop = asyncio.get_running_loop()
         for i in range(count):
-            while self.sent - self.acked >= window:
+            while self.sent - self.acked >= window and not self.unwatched:
                 self.waiter = loop.create_future()
                 await self.waiter
             await call.write(pb.ChatRequest(say=pb.ChatRequest.SendMessage(text=f"{i} {time.monotonic_ns()}")))
@@ -501,6 +506,7 @@ def _cpu() -> float:
 def main(plan: WorkerPlan, conn: Connection) -> None:
     """Entry point of a worker process (started with the spawn method, so grpc starts fresh here)."""
     try:
+        raise_open_files()
         # uvloop cuts the load generator's CPU by up to a tenth (bench/README.md), leaving more CPU to the server.
         uvloop.run(_Worker(plan, conn).run())
     except BaseException as error:  # the coordinator must hear about any failure, then the process ends

@@ -19,21 +19,39 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    run = _module("bench", "--quick", "--output", str(results))
+    run = _module("bench", "--quick", "--only", "burst", "--only", "steady", "--only", "idle", "--output", str(results))
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(results.read_text())
     assert report["ok"]
+    assert report["meta"]["streams_per_channel"] == 1
     shapes = report["shapes"]
-    assert {"burst", "steady", "idle"} <= {shape["kind"] for shape in shapes.values()}
+    assert {"burst", "steady", "idle"} == {shape["kind"] for shape in shapes.values()}
     assert all(shape["ok"] and not shape["errors"] for shape in shapes.values())
     assert "exactly once and in order" in run.stdout
+    # Every figure comes with its floor: the same writes, or as many idle streams, from a bare grpc.aio server.
+    for shape in shapes.values():
+        median = shape["median"]
+        floor = median["floor_rss_per_member_kib" if shape["kind"] == "idle" else "floor_us_per_delivery"]
+        assert floor is not None and floor > 0, shape
+
+
+def test_members_the_server_drops_as_too_slow_are_counted_from_their_streams_status(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    # A queue of 2 events cannot hold a burst's fan-out: the server drops members and ends their streams.
+    run = _module(
+        "bench", "--quick", "--only", "burst-1x200", "--max-queue", "2", "--no-floor", "--output", str(results)
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    check = json.loads(results.read_text())["shapes"]["burst-1x200"]["median"]["check"]
+    assert check["dropped"] > 0
+    assert "members dropped as too slow" in run.stdout
 
 
 def test_bare_benchmark_prints_a_row_per_case() -> None:
     run = _module("bench.bare", "--streams", "64", "--rounds", "40", "--events", "3", "--in-flight", "4,0")
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line.split() for line in run.stdout.splitlines()[2:]]
-    assert [(row[0], " ".join(row[1:-3])) for row in rows] == [("3", "4"), ("3", "no cap")]
+    assert [(row[0], row[1], " ".join(row[2:-3])) for row in rows] == [("1", "3", "4"), ("1", "3", "no cap")]
     for row in rows:
         per_write, per_event = float(row[-3]), float(row[-2])
         assert per_write > 0
