@@ -143,6 +143,21 @@ def start_server_process(
     return proc
 
 
+def failed_start(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `chat-server --port 0 ARGS`, expected to stop at start-up, with its own XDG_STATE_HOME; how it ended."""
+    result = subprocess.run(
+        [executable("chat-server"), "--port", "0", "--no-console", *args],
+        env={**os.environ, "XDG_STATE_HOME": str(state_dir)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+    return result
+
+
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     """A real `chat-server` executable on an ephemeral loopback port, stopped with SIGTERM afterwards."""
