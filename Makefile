@@ -10,9 +10,13 @@ NODE_TEST_DEPS := tests/node/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: all proto run client admin test fuzz lint bench bench-bare clean
+.PHONY: all help proto run client admin test fuzz lint bench bench-bare clean
 
 all: proto
+
+## help: list the targets
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,5 +77,6 @@ bench: proto
 bench-bare: proto
 	$(BIN)/python -m bench.bare
 
+## clean: remove everything generated or installed
 clean:
 	rm -rf $(VENV) $(PB)/*_pb2*.py $(PB)/*_pb2*.pyi $(PB)/.generated dist tools/node_modules tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache
