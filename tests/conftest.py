@@ -11,18 +11,25 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from chat.v1 import chat_pb2_grpc
 from chat_service.limits import NO_LIMIT, Limits
+from chat_service.memory_store import MemoryStore
 from chat_service.server import ChatServer, Config
+from chat_service.store import Store
 
 BIN = Path(sys.executable).parent
 UNLIMITED = Limits(rooms=NO_LIMIT, joins=NO_LIMIT, lines=NO_LIMIT)
 # The same for the executable, for tests that flood from one address on purpose.
 UNLIMITED_FLAGS = ("--rooms-per-minute", "0", "--joins-per-second", "0", "--lines-per-second", "0")
+# The stores every behaviour suite runs against: the store suite (tests/test_store.py) and the registry's.
+STORES = ["memory"]
+# Options of a store rather than of the registry above it; make_registry hands these to make_store.
+STORE_OPTIONS = frozenset({"history_limit", "history_bytes", "max_rooms", "max_members", "empty_room_ttl"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,6 +42,29 @@ def executable(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run 'make test' to install the package")
     return str(path)
+
+
+def make_store(kind: str, **options: Any) -> Store:
+    """A new, empty store of `kind` (one of STORES) with `options` (see STORE_OPTIONS)."""
+    if kind == "memory":
+        return MemoryStore(**options)
+    raise ValueError(f"no store called {kind!r}")
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A new store of each kind, small enough to reach its limits: 5 messages a room, 3 rooms, 4 names."""
+    made = make_store(request.param, history_limit=5, max_rooms=3, max_members=4)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which store a registry test builds its registries over."""
+    return str(request.param)
 
 
 @contextlib.asynccontextmanager
