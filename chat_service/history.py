@@ -11,9 +11,10 @@ T = TypeVar("T")
 
 DEFAULT_HISTORY = 1000
 DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
-# What a kept message costs beyond its encoded bytes: the bytes object's header, its slot in the room's deque, and
-# its entry (a tuple and an int) in the budget's order; measured with sys.getsizeof on CPython 3.11.
-MESSAGE_OVERHEAD = 136
+# What a kept message costs beyond the UTF-8 of its text and names: the Message object, its text's str header, its
+# seq and time ints, its slot in the room's deque, and its entry (a tuple) in the budget's order; measured with
+# sys.getsizeof on CPython 3.11 (the sender's name is the seat's own str, not a copy).
+MESSAGE_OVERHEAD = 256
 # The budget's order may hold this many entries of messages already gone before it is rebuilt without them.
 _STALE_SLACK = 1024
 

@@ -1,4 +1,8 @@
-"""The registry's async interface, so a second backend (several server processes) can stand beside the in-memory one."""
+"""The registry's async interface, what the servicer calls: rooms, and the memberships of this process's streams.
+
+rooms.RoomRegistry implements it over any store.Store: the store keeps rooms, names and logs (in this process's
+memory, or shared by several server processes), the registry delivers to the members here.
+"""
 
 from __future__ import annotations
 

@@ -1,18 +1,22 @@
-"""The in-memory room registry: rooms, members and fan-out. Plain asyncio; it knows nothing of gRPC."""
+"""Per-process delivery over any store: member queues, batching, eviction, encoding once per process, and the
+replay-then-live hand-over. Plain asyncio; it knows nothing of gRPC, nor of which store holds the rooms.
+
+Words (as in chat_service.store): a *local room* is a room this process follows because it has members there; the
+store logs each message once, and the local room's follower fans it out to the local members' queues.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import heapq
-import hmac
+import contextlib
+import dataclasses
 import logging
-import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar, cast
 
+from chat_service import tokens
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import (
     CloseReason,
@@ -29,9 +33,9 @@ from chat_service.events import (
     RoomInfo,
     Whisper,
 )
-from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, History, HistoryBudget, unsized
 from chat_service.registry import DEFAULT_NAME
 from chat_service.stats import Stats
+from chat_service.store import Entry, RoomRecord, Seat, Signal, Store, Takeover
 from chat_service.throttled_log import ThrottledLog
 from chat_service.validation import check_client_id, check_name, check_text, name_key
 
@@ -44,12 +48,12 @@ DEFAULT_BATCH_LIMIT = 256
 DEFAULT_WRITE_SLOTS = 16
 DEFAULT_SLOT_HOLD_SECONDS = 0.1
 DEFAULT_RESUME_GRACE_SECONDS = 30.0
-# Rooms stay until killed, about 1.4 KiB each when empty: a cap keeps a script from filling the server's memory.
-DEFAULT_MAX_ROOMS = 10_000
-# Names held server-wide, by members (an idle one costs about 30 KiB) and for resumes.
-DEFAULT_MAX_MEMBERS = 50_000
-# How many of a member's recent client ids are remembered to recognise a re-sent line.
-SENT_IDS_KEPT = 256
+# Whispers' client ids remembered server-wide to recognise a re-sent whisper (lines are the store's to dedup).
+WHISPER_IDS_KEPT = 16_384
+# How long a join waits for this process to have heard the room's log up to where it read the member's backlog.
+CATCH_UP_SECONDS = 10.0
+# Reads a join makes at most to meet a follower that keeps moving on, before it gives up on a room that busy.
+MAX_BACKLOG_READS = 100
 # Joins and leaves queued for one member before the rest of a run of them becomes one member list. A crowd of N
 # leaving at once would otherwise queue N events for each of the others, and overflow prompt readers' queues.
 PRESENCE_RUN = 8
@@ -133,71 +137,101 @@ class Lease:
             self._slots._release()
 
 
-class _Room(Generic[T]):
-    __slots__ = ("free_numbers", "history", "member_list", "members", "name", "next_number", "seats", "secret", "uid")
+class _Local(Generic[T]):
+    """A room this process follows while it has members there: the store's follower for it, and those members."""
 
-    def __init__(self, name: str, history: History[T]) -> None:
-        self.name = name
-        # Tokens carry the uid, so that a resume cannot land in a newer room that took the same name.
-        self.uid = secrets.token_hex(6)
-        self.secret = secrets.token_bytes(16)
-        # Both keyed by name_key(name): names that could be taken for each other on screen are one name.
+    __slots__ = (
+        "closed",
+        "following",
+        "last_seq",
+        "lock",
+        "member_list",
+        "members",
+        "record",
+        "registry",
+        "users",
+        "waiters",
+    )
+
+    def __init__(self, registry: RoomRegistry[T], record: RoomRecord) -> None:
+        self.registry = registry
+        self.record = record
+        # This process's members, keyed by name_key(name).
         self.members: dict[str, Member[T]] = {}
-        self.seats: dict[str, _Seat[T]] = {}
-        self.history = history
+        # The seq of the last message sent live to the members here: a joining member's backlog ends exactly there.
+        self.last_seq = 0
         # The encoded member list, made once per change of members however many members are sent it.
         self.member_list: T | None = None
-        # Default names are numbered: the lowest number given back is reused first, from a heap, else the next new.
-        self.free_numbers: list[int] | None = None
-        self.next_number = 1
+        # Joins under way: the room stays followed while any is, even before its member is in.
+        self.users = 0
+        self.following = False
+        self.closed = False
+        # Follow and unfollow one at a time, so that a join never follows while a last leave unfollows.
+        self.lock = asyncio.Lock()
+        # Joins waiting for this process to hear the log up to a seq; made only when a follower lags the store.
+        self.waiters: list[tuple[int, asyncio.Future[None]]] | None = None
 
-    def info(self) -> RoomInfo:
-        return RoomInfo(self.name, len(self.members), self.history.last_seq)
+    def logged(self, entry: Entry) -> None:
+        if type(entry) is Message:
+            self.last_seq = entry.seq
+            self.registry.fan_out(self, entry)
+            if self.waiters is not None:
+                self._wake()
+        else:
+            self.registry.close_local(self, cast(RoomClosed, entry))
 
+    def signalled(self, signal: Signal) -> None:
+        registry = self.registry
+        if isinstance(signal, Takeover):
+            registry.taken_over(self, signal)
+        elif isinstance(signal, MemberJoined):
+            # The member who joined is in already, and is not told of itself.
+            registry.announce(self, signal, skip=self.members.get(name_key(signal.name)))
+        else:
+            registry.announce(self, signal)
 
-class _Seat(Generic[T]):
-    """A name held in a room across reconnects: by a live member, or reserved for a while after its stream broke."""
+    def whispered(self, recipient_key: str, whisper: Whisper) -> None:
+        member = self.members.get(recipient_key)
+        if member is not None:
+            if whisper.recipient != member.name:
+                whisper = dataclasses.replace(whisper, recipient=member.name)
+            member.push(self.registry.encode(whisper))
 
-    __slots__ = ("expiry", "key", "member", "name", "number", "sent", "token")
+    async def reach(self, seq: int) -> None:
+        """Wait until this process has heard the room's log up to `seq`, or the room closed."""
+        if self.last_seq >= seq or self.closed:
+            return
+        heard = asyncio.get_running_loop().create_future()
+        if self.waiters is None:
+            self.waiters = []
+        self.waiters.append((seq, heard))
+        try:
+            await asyncio.wait_for(heard, CATCH_UP_SECONDS)
+        except TimeoutError:
+            raise ChatError(
+                ErrorKind.JOIN_TIMEOUT,
+                f"the messages of room {self.record.name!r} did not reach this server in time; try joining again",
+            ) from None
 
-    def __init__(self, room: _Room[T], name: str, number: int = 0) -> None:
-        self.name = name
-        self.key = name_key(name)
-        # The default name's number, given back when the seat goes; 0 for a name the member chose.
-        self.number = number
-        self.token = _issue_token(room, self.key, secrets.token_urlsafe(12))
-        self.member: Member[T] | None = None
-        self.expiry: asyncio.TimerHandle | None = None
-        # Made on the first client id: most members of a busy server are idle, and every byte counts there.
-        self.sent: dict[str, T] | None = None
-
-    def remember(self, client_id: str, item: T) -> None:
-        """Keep what a client id produced, so that a re-send gets it back instead of a second broadcast."""
-        if self.sent is None:
-            self.sent = {}
-        sent = self.sent
-        sent[client_id] = item
-        if len(sent) > SENT_IDS_KEPT:
-            del sent[next(iter(sent))]
-
-    def recall(self, client_id: str) -> T | None:
-        """What `client_id` produced, if it was used and is still remembered."""
-        return self.sent.get(client_id) if self.sent is not None else None
-
-    def cancel_expiry(self) -> None:
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
+    def _wake(self) -> None:
+        waiting = []
+        for seq, heard in self.waiters or ():
+            if self.closed or seq <= self.last_seq:
+                if not heard.done():
+                    heard.set_result(None)
+            else:
+                waiting.append((seq, heard))
+        self.waiters = waiting or None
 
 
 class Member(Generic[T]):
-    """A membership of the in-memory registry; every method runs to completion without yielding."""
+    """A membership of this process; the methods that do not await run to completion without yielding."""
 
     __slots__ = ("_backlog", "_dropped", "_presence", "_queue", "_registry", "_room", "_seat", "_stale", "_waiter")
 
-    def __init__(self, registry: MemoryRegistry[T], room: _Room[T], seat: _Seat[T], backlog: list[T]) -> None:
+    def __init__(self, registry: RoomRegistry[T], room: _Local[T], seat: Seat, backlog: list[T]) -> None:
         self._registry = registry
-        self._room: _Room[T] | None = room
+        self._room: _Local[T] | None = room
         self._seat = seat
         # The join's answer and its history, written before anything live and not counted against the bound.
         self._backlog: list[T] | None = backlog
@@ -211,7 +245,7 @@ class Member(Generic[T]):
 
     @property
     def room(self) -> str:
-        return self._room.name if self._room is not None else ""
+        return self._room.record.name if self._room is not None else ""
 
     @property
     def name(self) -> str:
@@ -224,47 +258,47 @@ class Member(Generic[T]):
     async def say(self, text: str, client_id: str = "", *, action: bool = False) -> None:
         room = self._joined_room()
         check_text(text)
-        if client_id and self._resent(check_client_id(client_id)):
+        registry = self._registry
+        # The store logs a line once per key: a client re-sending after a reconnect gets the original back.
+        dedup_key = f"{room.record.uid}\0{self._seat.key}\0{check_client_id(client_id)}" if client_id else ""
+        message = Message(0, self._seat.name, text, time.time_ns(), client_id, action)
+        appended = await registry.store.append(room.record, message, dedup_key)
+        if appended.duplicate:
+            self.push(registry.encode(appended.message))
             return
-        seq = room.history.last_seq + 1
-        self._registry.stats.received["say"] += 1
-        item = self._registry.fan_out(room, Message(seq, self.name, text, time.time_ns(), client_id, action))
-        room.history.append(seq, item)
-        if client_id:
-            self._seat.remember(client_id, item)
+        registry.stats.received["say"] += 1
+        if registry.departing:
+            # Those this line made too slow are announced before the sender goes on, as they were dropped.
+            await registry.flush_departures()
 
     async def whisper(self, recipient: str, text: str, client_id: str = "") -> None:
         room = self._joined_room()
         check_text(text)
-        if client_id and self._resent(check_client_id(client_id)):
-            return
-        key = name_key(recipient)
-        target = room.members.get(key)
-        if target is None:
-            away = key in room.seats
-            raise ChatError(
-                ErrorKind.MEMBER_NOT_FOUND,
-                f"{recipient} lost their connection and may be back shortly; try again later"
-                if away
-                else f"nobody named {recipient!r} is in room {room.name!r}",
-            )
-        self._registry.stats.received["whisper"] += 1
-        item = self._registry.encode(Whisper(self.name, target.name, text, time.time_ns(), client_id))
-        target.push(item)
-        if target is not self:
-            self.push(item)
+        registry = self._registry
+        sent_key = ""
         if client_id:
-            self._seat.remember(client_id, item)
+            sent_key = f"{room.record.uid}\0{self._seat.key}\0{check_client_id(client_id)}"
+            if (sent := registry.whispers_sent.get(sent_key)) is not None:
+                self.push(sent)
+                return
+        whisper = Whisper(self._seat.name, recipient, text, time.time_ns(), client_id)
+        held = await registry.store.whisper(room.record, recipient, whisper)
+        registry.stats.received["whisper"] += 1
+        echo = registry.encode(whisper if held == recipient else dataclasses.replace(whisper, recipient=held))
+        if name_key(held) != self._seat.key:
+            self.push(echo)
+        if sent_key:
+            registry.remember_whisper(sent_key, echo)
 
     async def leave(self, reason: LeaveReason = LeaveReason.LEFT) -> None:
         room = self._room
         if room is None:
             return
         self.close()
-        del room.members[self._seat.key]
-        self._registry.vacate(room, self._seat, reason)
-        log.debug("%s left room %s (%s)", self.name, room.name, reason.name.lower())
-        self._registry.announce(room, MemberLeft(self.name, reason))
+        if room.members.get(self._seat.key) is self:
+            del room.members[self._seat.key]
+        log.debug("%s left room %s (%s)", self.name, room.record.name, reason.name.lower())
+        await self._registry.vacate(room, self._seat, reason)
 
     def report(self, error: ChatError, client_id: str = "") -> None:
         self.push(self._registry.encode(Problem(error, client_id)))
@@ -333,14 +367,6 @@ class Member(Generic[T]):
         """Whether the queue holds the bound's worth of events besides joins and leaves."""
         return len(self._queue) - self._presence >= self._registry.queue_limit
 
-    def _resent(self, client_id: str) -> bool:
-        """Give a re-sent line's original event back to this member alone; False if the id is new."""
-        sent = self._seat.recall(client_id)
-        if sent is None:
-            return False
-        self.push(sent)
-        return True
-
     def push(self, item: T) -> None:
         """Queue one encoded event for this member alone; a full queue evicts it."""
         if self._room is None:
@@ -375,31 +401,27 @@ class Member(Generic[T]):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _joined_room(self) -> _Room[T]:
+    def _joined_room(self) -> _Local[T]:
         if self._room is None:
             raise ChatError(ErrorKind.NOT_JOINED, "you are not in a room")
         return self._room
 
 
-class MemoryRegistry(Generic[T]):
-    """Rooms held in this process; one event loop owns every structure here."""
+class RoomRegistry(Generic[T]):
+    """The registry of one server process over a store: the rooms are the store's, delivery to members is here."""
 
     def __init__(
         self,
+        store: Store,
         encode: Callable[[Event], T],
         *,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
         batch_limit: int = DEFAULT_BATCH_LIMIT,
         write_slots: int = DEFAULT_WRITE_SLOTS,
-        history_limit: int = DEFAULT_HISTORY,
-        history_bytes: int = DEFAULT_HISTORY_BYTES,
-        size: Callable[[T], int] = unsized,
         resume_grace: float = DEFAULT_RESUME_GRACE_SECONDS,
-        max_rooms: int = DEFAULT_MAX_ROOMS,
-        max_members: int = DEFAULT_MAX_MEMBERS,
-        empty_room_ttl: float | None = None,
         stats: Stats | None = None,
     ) -> None:
+        self.store = store
         self.encode = encode
         self.stats = stats if stats is not None else Stats()
         # Caps hit by a flood of requests: one line per cap and interval says so without following the flood.
@@ -407,78 +429,42 @@ class MemoryRegistry(Generic[T]):
         self.queue_limit = queue_limit
         self.batch_limit = batch_limit
         self.slots = WriteSlots(write_slots)
-        self.history_limit = history_limit
-        self.history_budget = HistoryBudget(history_bytes, size)
         self.resume_grace = resume_grace
-        self.max_rooms = max_rooms
-        self.max_members = max_members
-        # Names held server-wide, by members and for resumes: what --max-members caps.
-        self.seated = 0
-        self._rooms: dict[str, _Room[T]] = {}
-        self._closed = False
-        self.empty_room_ttl = empty_room_ttl
-        # When the sweep first saw each room empty; a join forgets it, so a room closes only after a whole TTL empty.
-        self._empty_since: dict[_Room[T], float] = {}
-        self._sweep: asyncio.TimerHandle | None = None
-
-    @property
-    def room_count(self) -> int:
-        """Rooms open now; one len(), so another thread may read it."""
-        return len(self._rooms)
+        # The rooms this process follows, by uid: a newer room of the same name is another room.
+        self._local: dict[str, _Local[T]] = {}
+        # Seats of members dropped as too slow, to free and announce: dropping happens while a message is fanned
+        # out, which cannot wait for the store.
+        self.departing: deque[tuple[_Local[T], Seat]] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        # Departures and releases started where nothing could await them: kept, so that none is collected unfinished.
+        self._tasks: set[asyncio.Task[None]] = set()
+        # What each whisper's client id produced, by room uid, name key and client id (lines are the store's to dedup).
+        self.whispers_sent: dict[str, T] = {}
 
     async def list_rooms(self) -> list[RoomInfo]:
-        return [room.info() for room in sorted(self._rooms.values(), key=lambda room: room.name)]
+        return await self.store.list_rooms()
 
     async def create_room(self, room: str) -> RoomInfo:
-        return self._create(room).info()
+        record = await self._create(check_name(room, "room"))
+        log.info("New room %s created", record.name, extra={"room": record.name})
+        return RoomInfo(record.name, 0, 0)
 
     async def kill_room(self, room: str) -> int:
-        found = self._rooms.pop(name_key(room), None)
-        if found is None:
-            raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist")
-        ejected = self._close(found, CloseReason.KILLED)
+        key = name_key(room)
+        ejected = sum(len(local.members) for local in self._local.values() if name_key(local.record.name) == key)
+        record = await self.store.close_room(room, CloseReason.KILLED)
         log.info(
-            "Room %s killed, %d members ejected", found.name, ejected, extra={"room": found.name, "reason": "killed"}
+            "Room %s killed, %d members ejected", record.name, ejected, extra={"room": record.name, "reason": "killed"}
         )
         return ejected
 
     async def prune_rooms(self) -> list[str]:
-        empty = [(key, room) for key, room in self._rooms.items() if _empty(room)]
-        for key, room in empty:
-            del self._rooms[key]
-            self._close(room, CloseReason.KILLED)
-            log.info("Room %s pruned: nobody was in it", room.name, extra={"room": room.name, "reason": "pruned"})
-        if empty:
-            log.info("%d empty rooms pruned", len(empty))
-        return sorted(room.name for _, room in empty)
-
-    def _sweep_empty(self) -> None:
-        """Close the rooms the sweep has seen empty for the TTL, and come back in a quarter of it."""
-        ttl = self.empty_room_ttl
-        assert ttl is not None
-        now = asyncio.get_running_loop().time()
-        seen, self._empty_since = self._empty_since, {}
-        for key, room in list(self._rooms.items()):
-            if not _empty(room):
-                continue
-            since = seen.get(room, now)
-            if now - since < ttl:
-                self._empty_since[room] = since
-                continue
-            del self._rooms[key]
-            self._close(room, CloseReason.KILLED)
-            log.info(
-                "Room %s closed: nobody was in it for %g s",
-                room.name,
-                ttl,
-                extra={"room": room.name, "reason": "expired"},
-            )
-        self._sweep = None
-        self._schedule_sweep()
-
-    def _schedule_sweep(self) -> None:
-        if self.empty_room_ttl is not None and self._sweep is None and self._rooms and not self._closed:
-            self._sweep = asyncio.get_running_loop().call_later(self.empty_room_ttl / 4, self._sweep_empty)
+        pruned = await self.store.prune_rooms()
+        for name in pruned:
+            log.info("Room %s pruned: nobody was in it", name, extra={"room": name, "reason": "pruned"})
+        if pruned:
+            log.info("%d empty rooms pruned", len(pruned))
+        return pruned
 
     async def join(
         self, room: str, name: str, *, create: bool = False, history: int = 0, resume: Resume | None = None
@@ -486,133 +472,192 @@ class MemoryRegistry(Generic[T]):
         room = check_name(room, "room")
         if name or resume is not None:
             name = check_name(name, "member")
-        if resume is not None:
-            return self._resume(room, name, resume)
-        self._check_member_limit(room, name)
-        target = self._create(room) if create else self._rooms.get(name_key(room))
-        if target is None:
-            raise ChatError(
-                ErrorKind.ROOM_NOT_FOUND,
-                f"room {room!r} does not exist",
-            )
-        if name and name_key(name) in target.seats:
-            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
-        seat = self._seat(target, name) if name else self._seat(target, *_free_default(target))
-        return self._admit(target, seat, target.history.last(history), lost=0, created=create, resumed=False)
+        created = create and resume is None
+        record = await self._create(room) if created else await self._find(room, resume)
+        local = self._local.get(record.uid)
+        if local is None:
+            local = self._local[record.uid] = _Local(self, record)
+        local.users += 1
+        try:
+            seat = await self._claim(record, name, resume, created)
+            if created:
+                log.info("New room %s created", record.name, extra={"room": record.name})
+            try:
+                member = await self._admit(local, seat, history, resume, created)
+            except BaseException:
+                await self.store.vacate(record, seat, 0)
+                raise
+        finally:
+            local.users -= 1
+            await self._release(local)
+        log.debug("%s joined room %s", seat.name, record.name)
+        if not seat.took_over:
+            # Announced when the signal comes back, as members on other processes hear it.
+            with contextlib.suppress(ChatError):
+                await self.store.signal(record, MemberJoined(seat.name, returned=resume is not None))
+        return member
 
-    def _resume(self, room: str, name: str, resume: Resume) -> Member[T]:
-        target = self._rooms.get(name_key(room))
-        if target is None or not resume.token.startswith(f"{target.uid}."):
+    async def _create(self, room: str) -> RoomRecord:
+        try:
+            return await self.store.create_room(room)
+        except ChatError as error:
+            if error.kind is ErrorKind.ROOM_LIMIT:
+                self._refused("max_rooms", "Refused to create room %s: %s (--max-rooms)", room, error, room=room)
+            raise
+
+    async def _find(self, room: str, resume: Resume | None) -> RoomRecord:
+        record = await self.store.find_room(room)
+        if resume is None:
+            if record is None:
+                raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist")
+        elif record is None or not resume.token.startswith(f"{record.uid}."):
             raise ChatError(
                 ErrorKind.ROOM_NOT_FOUND,
                 f"room {room!r} no longer exists (it was closed, or the server restarted)",
             )
-        key = name_key(name)
-        seat = target.seats.get(key)
-        if seat is None:
-            # The grace period ran out, but the name is free: come back under it, with whatever history holds, if
-            # the token was given out for it; any other name would be announced as back without ever having been.
-            if not _proves(resume.token, target, key):
-                raise ChatError(
-                    ErrorKind.BAD_REQUEST,
-                    f"this resume token was not issued for the name {name!r} in room {target.name!r}; join "
-                    "without resuming to enter under that name",
-                )
-            self._check_member_limit(target.name, name)
-            seat = self._seat(target, name)
-        elif not _same_token(seat.token, resume.token):
-            raise ChatError(ErrorKind.NAME_TAKEN, _taken(target, name))
-        seat.cancel_expiry()
-        replay, lost = target.history.after(resume.last_seq)
-        previous = seat.member
-        if previous is not None:
-            # The old stream is most likely dead but not yet noticed; the room need not hear of the swap.
-            previous.drop(ChatError(ErrorKind.RESUMED_ELSEWHERE, "this membership was resumed on another connection"))
-            self.stats.evicted["resumed_elsewhere"] += 1
-            del target.members[key]
-        log.debug("%s resumed in room %s after message %d", name, room, resume.last_seq)
-        return self._admit(target, seat, replay, lost=lost, created=False, resumed=True, swap=previous is not None)
+        return record
 
-    def _admit(
-        self,
-        room: _Room[T],
-        seat: _Seat[T],
-        replay: list[T],
-        *,
-        lost: int,
-        created: bool,
-        resumed: bool,
-        swap: bool = False,
-    ) -> Member[T]:
-        """Seat a new member: its Joined event and `replay` first, then the room hears of it, unless it only swapped
-        streams; a resumed member is announced as returned."""
-        self._empty_since.pop(room, None)
-        members = tuple(sorted([*(member.name for member in room.members.values()), seat.name]))
-        joined = Joined(
-            room.name, seat.name, members, room.history.last_seq, created, resumed, seat.token, len(replay), lost
+    async def _claim(self, record: RoomRecord, name: str, resume: Resume | None, created: bool) -> Seat:
+        try:
+            return await self._claim_seat(record, name, resume)
+        except ChatError as error:
+            if error.kind is ErrorKind.MEMBER_LIMIT:
+                self._refused(
+                    "max_members",
+                    "Refused %s in room %s: %s (--max-members)",
+                    name or DEFAULT_NAME,
+                    record.name,
+                    error,
+                    room=record.name,
+                    member=name,
+                )
+                if created:
+                    # Made for this member alone, who cannot enter: left open it would hold a room for nobody.
+                    with contextlib.suppress(ChatError):
+                        await self.store.close_room(record.name, CloseReason.KILLED)
+            raise
+
+    async def _claim_seat(self, record: RoomRecord, name: str, resume: Resume | None) -> Seat:
+        def token_for(key: str) -> str:
+            return tokens.issue(record, key)
+
+        if resume is None:
+            return await self.store.claim(record, name, token_for)
+        if tokens.proves(resume.token, record, name_key(name)):
+            seat = await self.store.claim(record, name, token_for, resume.token)
+            log.debug("%s resumed in room %s after message %d", name, record.name, resume.last_seq)
+            return seat
+        # Not a token for this name: if someone holds the name it is theirs (NAME_TAKEN); if nobody does, a token
+        # for another name would announce this member as back without its ever having been here.
+        probe = await self.store.claim(record, name, token_for)
+        await self.store.vacate(record, probe, 0)
+        raise ChatError(
+            ErrorKind.BAD_REQUEST,
+            f"this resume token was not issued for the name {name!r} in room {record.name!r}; join "
+            "without resuming to enter under that name",
         )
-        member = Member(self, room, seat, [self.encode(joined), *replay])
-        if not swap:
-            self.announce(room, MemberJoined(seat.name, returned=resumed))
-        room.members[seat.key] = seat.member = member
-        log.debug("%s joined room %s", seat.name, room.name)
+
+    async def _admit(
+        self, local: _Local[T], seat: Seat, history: int, resume: Resume | None, created: bool
+    ) -> Member[T]:
+        """Follow the room if this process does not yet, read the member's backlog, and install the member."""
+        if not local.following:
+            async with local.lock:
+                if not local.following and not local.closed:
+                    local.last_seq = await self.store.follow(local.record, local)
+                    local.following = True
+        replay, lost = await self._backlog(local, history, resume)
+        # From here to the member's install nothing awaits: its backlog ends at local.last_seq, and what the room
+        # logs next reaches it live.
+        if local.closed or not local.following:
+            raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {local.record.name!r} was closed")
+        previous = local.members.get(seat.key)
+        if previous is not None:
+            # The store's Takeover signal has not come yet: the member it stands for goes now.
+            self._resumed_elsewhere(local, previous)
+        names = tuple(sorted([*(member.name for member in local.members.values()), seat.name]))
+        joined = Joined(
+            local.record.name,
+            seat.name,
+            names,
+            local.last_seq,
+            created,
+            resume is not None,
+            seat.token,
+            len(replay),
+            lost,
+        )
+        encode = self.encode
+        member = Member(self, local, seat, [encode(joined), *map(encode, replay)])
+        local.members[seat.key] = member
         return member
 
-    def vacate(self, room: _Room[T], seat: _Seat[T], reason: LeaveReason) -> None:
-        """Give up the seat of a member that left; a lost connection keeps it reserved for the grace period."""
-        seat.member = None
-        if reason is LeaveReason.DISCONNECTED and self.resume_grace > 0:
-            seat.expiry = asyncio.get_running_loop().call_later(self.resume_grace, self._expire, room, seat)
+    async def _backlog(self, local: _Local[T], history: int, resume: Resume | None) -> tuple[list[Message], int]:
+        """The messages a joining member is sent first, ending at the last seq this process has sent live, and how
+        many of those it asked for are no longer kept."""
+        if resume is None and history <= 0:
+            return [], 0
+        record = local.record
+        read = (
+            await self.store.read(record, after=resume.last_seq)
+            if resume is not None
+            else await self.store.read(record, last=history)
+        )
+        messages, lost, covered = read.messages, read.lost, read.last_seq
+        # A store shared between processes logs ahead of what this process has heard: wait until the follower has
+        # heard what was read, then read on to where it is; the two meet, with no gap and no message twice.
+        await local.reach(covered)
+        for _ in range(MAX_BACKLOG_READS):
+            if covered >= local.last_seq or local.closed:
+                break
+            more = await self.store.read(record, after=covered)
+            messages = [*messages, *more.messages]
+            lost += more.lost
+            covered = more.last_seq
+            await local.reach(covered)
         else:
-            self._unseat(room, seat)
-
-    def _expire(self, room: _Room[T], seat: _Seat[T]) -> None:
-        seat.expiry = None
-        if seat.member is None:
-            self._unseat(room, seat)
-
-    def _seat(self, room: _Room[T], name: str, number: int = 0) -> _Seat[T]:
-        seat = _Seat(room, name, number)
-        room.seats[seat.key] = seat
-        self.seated += 1
-        return seat
-
-    def _unseat(self, room: _Room[T], seat: _Seat[T]) -> None:
-        seat.cancel_expiry()
-        if room.seats.get(seat.key) is seat:
-            del room.seats[seat.key]
-            self.seated -= 1
-            if seat.number:
-                if room.free_numbers is None:
-                    room.free_numbers = []
-                heapq.heappush(room.free_numbers, seat.number)
-
-    def _check_member_limit(self, room: str, name: str) -> None:
-        if self.seated >= self.max_members:
-            self._refused(
-                "max_members",
-                "Refused %s in room %s: the server holds its limit of %d names (--max-members)",
-                name or DEFAULT_NAME,
-                room,
-                self.max_members,
-                room=room,
-                member=name,
-            )
             raise ChatError(
-                ErrorKind.MEMBER_LIMIT,
-                f"the server has reached its limit of members ({self.max_members}); try again later",
+                ErrorKind.JOIN_TIMEOUT,
+                f"room {record.name!r} is too busy to join right now; try again",
             )
+        return (messages if resume is not None else messages[-history:]), lost
+
+    async def vacate(self, local: _Local[T], seat: Seat, reason: LeaveReason) -> None:
+        """Give up the seat of a member that left, and tell the room; a lost connection keeps it for the grace."""
+        grace = self.resume_grace if reason is LeaveReason.DISCONNECTED else 0.0
+        try:
+            await self.store.vacate(local.record, seat, grace)
+            await self.store.signal(local.record, MemberLeft(seat.name, reason))
+        except ChatError as error:
+            if error.kind is not ErrorKind.ROOM_NOT_FOUND:
+                raise
+        finally:
+            await self._release(local)
+
+    async def _release(self, local: _Local[T]) -> None:
+        """Stop following a room this process no longer has members in, nor joins under way."""
+        if local.members or local.users:
+            return
+        if local.following:
+            async with local.lock:
+                if local.members or local.users or not local.following:
+                    return
+                local.following = False
+                await self.store.unfollow(local.record)
+            if local.members or local.users:
+                return
+        if self._local.get(local.record.uid) is local:
+            del self._local[local.record.uid]
 
     async def shutdown(self) -> None:
-        self._closed = True
-        if self._sweep is not None:
-            self._sweep.cancel()
-        rooms, self._rooms = self._rooms, {}
-        for room in rooms.values():
-            self._close(room, CloseReason.SERVER_SHUTDOWN)
+        await self.store.close()
+        # A shared store keeps its rooms for the other processes: the members here are told all the same.
+        for local in list(self._local.values()):
+            self.close_local(local, RoomClosed(local.record.name, CloseReason.SERVER_SHUTDOWN))
+        await self.flush_departures()
 
-    def fan_out(self, room: _Room[T], event: Event) -> T:
-        """Encode `event` once, queue it for every member of `room` in the same order for all, and return it."""
+    def fan_out(self, room: _Local[T], event: Message) -> None:
+        """Encode `event` once and queue it for every member of `room` here, in the same order for all."""
         item = self.encode(event)
         limit = self.queue_limit
         slow: list[Member[T]] = []
@@ -625,15 +670,15 @@ class MemoryRegistry(Generic[T]):
             member.wake()
         if slow:
             self._evict_all(room, slow)
-        return item
 
-    def announce(self, room: _Room[T], event: MemberJoined | MemberLeft) -> None:
-        """Queue a join or leave for every member of `room`; one with a run of them queued gets the member list."""
+    def announce(self, room: _Local[T], event: MemberJoined | MemberLeft, skip: Member[T] | None = None) -> None:
+        """Queue a join or leave for every member of `room` but `skip`; one with a run of them queued gets the
+        member list."""
         item = self.encode(event)
         room.member_list = None
         placeholder = cast(T, _MEMBER_LIST)
         for member in room.members.values():
-            if member._stale:
+            if member._stale or member is skip:
                 continue
             if member._presence >= PRESENCE_RUN:
                 member._stale = True
@@ -643,11 +688,46 @@ class MemoryRegistry(Generic[T]):
             member._presence += 1
             member.wake()
 
-    def member_list(self, room: _Room[T]) -> T:
+    def member_list(self, room: _Local[T]) -> T:
         """The room's members now, encoded once for every member that is sent the list."""
         if room.member_list is None:
             room.member_list = self.encode(Members(tuple(sorted(member.name for member in room.members.values()))))
         return room.member_list
+
+    def close_local(self, local: _Local[T], closed: RoomClosed) -> None:
+        """End every membership here in a room that closed, with RoomClosed last, and forget the room."""
+        local.closed = True
+        local.following = False
+        item = self.encode(closed)
+        members = list(local.members.values())
+        local.members.clear()
+        for member in members:
+            member.end_with(item)
+        if local.waiters is not None:
+            local._wake()
+        if self._local.get(local.record.uid) is local:
+            del self._local[local.record.uid]
+
+    def taken_over(self, local: _Local[T], takeover: Takeover) -> None:
+        """A resume claimed the seat with `takeover.key`: a member here holding it under another claim stops."""
+        member = local.members.get(takeover.key)
+        if member is not None and member._seat.claim != takeover.claim:
+            self._resumed_elsewhere(local, member)
+            if not local.members and not local.users:
+                self._spawn(self._release(local))
+
+    def _resumed_elsewhere(self, local: _Local[T], member: Member[T]) -> None:
+        # The old stream is most likely dead but not yet noticed; the room need not hear of the swap.
+        del local.members[member._seat.key]
+        member.drop(ChatError(ErrorKind.RESUMED_ELSEWHERE, "this membership was resumed on another connection"))
+        self.stats.evicted["resumed_elsewhere"] += 1
+
+    def remember_whisper(self, key: str, item: T) -> None:
+        """Keep what a whisper's client id produced, so that a re-send gets it back instead of a second whisper."""
+        sent = self.whispers_sent
+        sent[key] = item
+        if len(sent) > WHISPER_IDS_KEPT:
+            del sent[next(iter(sent))]
 
     def evict(self, member: Member[T]) -> None:
         """Drop a member whose queue is full, so the rest of its room is never held up by it."""
@@ -655,27 +735,41 @@ class MemoryRegistry(Generic[T]):
         if room is not None:
             self._evict_all(room, [member])
 
-    def _evict_all(self, room: _Room[T], slow: list[Member[T]]) -> None:
+    def _evict_all(self, room: _Local[T], slow: list[Member[T]]) -> None:
         # Everyone full is dropped before any is announced, so that a room of stalled members is not told of each
         # other's going: only those who stay hear of it.
-        dropped = [member for member in slow if self._drop(member)]
-        for member in dropped:
-            self.announce(room, MemberLeft(member.name, LeaveReason.TOO_SLOW))
+        for member in slow:
+            if self._drop(room, member):
+                self.departing.append((room, member._seat))
+        if self.departing and self._flusher is None:
+            self._flusher = self._spawn(self.flush_departures())
 
-    def _drop(self, member: Member[T]) -> bool:
+    async def flush_departures(self) -> None:
+        """Free the seats of members dropped as too slow and announce their going, in the order they were dropped."""
+        departing = self.departing
+        try:
+            while departing:
+                local, seat = departing.popleft()
+                await self.vacate(local, seat, LeaveReason.TOO_SLOW)
+        finally:
+            self._flusher = None
+
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _drop(self, room: _Local[T], member: Member[T]) -> bool:
         """Take a too-slow member out of its room and tell its stream why; False if it had already gone."""
-        room = member._room
-        if room is None:
+        if member._room is None:
             return False
-        del room.members[member._seat.key]
-        seat = member._seat
-        # Nothing else refers to a dropped member once its stream ends: freed at once, not by a rare full collection.
-        seat.member = None
-        self._unseat(room, seat)
+        if room.members.get(member._seat.key) is member:
+            del room.members[member._seat.key]
         member.drop(
             ChatError(
                 ErrorKind.TOO_SLOW,
-                f"you were disconnected from room {room.name!r}: more than {self.queue_limit} events "
+                f"you were disconnected from room {room.record.name!r}: more than {self.queue_limit} events "
                 "were waiting for you to read them",
             )
         )
@@ -683,102 +777,12 @@ class MemoryRegistry(Generic[T]):
         log.info(
             "%s dropped from room %s for reading too slowly",
             member.name,
-            room.name,
-            extra={"room": room.name, "member": member.name, "reason": "too_slow"},
+            room.record.name,
+            extra={"room": room.record.name, "member": member.name, "reason": "too_slow"},
         )
         return True
 
     def _refused(self, limit: str, message: str, *args: object, room: str, member: str = "") -> None:
-        """Count a request refused by one of the server's caps, and log it unless that cap was logged lately."""
+        """Count a request refused by one of the store's caps, and log it unless that cap was logged lately."""
         self.stats.refused[limit] += 1
         self._limit_log.info(limit, message, *args, extra={"limit": limit, "room": room, "member": member})
-
-    def _create(self, room: str) -> _Room[T]:
-        room = check_name(room, "room")
-        if self._closed:
-            raise ChatError(ErrorKind.ROOM_NOT_FOUND, "the server is shutting down; no rooms can be made")
-        key = name_key(room)
-        if (existing := self._rooms.get(key)) is not None:
-            alike = "" if existing.name == room else f" (too like {room!r} to tell apart)"
-            raise ChatError(ErrorKind.ROOM_EXISTS, f"room {existing.name!r} already exists{alike}")
-        if len(self._rooms) >= self.max_rooms:
-            self._refused(
-                "max_rooms",
-                "Refused to create room %s: the server holds its limit of %d rooms (--max-rooms)",
-                room,
-                self.max_rooms,
-                room=room,
-            )
-            raise ChatError(
-                ErrorKind.ROOM_LIMIT,
-                f"the server has reached its limit of rooms ({self.max_rooms}); join an existing room, or ask an "
-                "administrator to close rooms nobody uses",
-            )
-        created = self._rooms[key] = _Room[T](room, History(self.history_limit, self.history_budget))
-        log.info("New room %s created", room, extra={"room": room})
-        self._schedule_sweep()
-        return created
-
-    def _close(self, room: _Room[T], reason: CloseReason) -> int:
-        item = self.encode(RoomClosed(room.name, reason))
-        members = list(room.members.values())
-        room.members.clear()
-        for seat in room.seats.values():
-            seat.cancel_expiry()
-            seat.member = None
-        self.seated -= len(room.seats)
-        room.seats.clear()
-        room.history.clear()
-        for member in members:
-            member.end_with(item)
-        return len(members)
-
-
-def _empty(room: _Room[T]) -> bool:
-    """Nobody is in the room and no name in it is held for a member that may resume."""
-    return not room.members and not room.seats
-
-
-def _taken(room: _Room[T], wanted: str) -> str:
-    holder = room.seats[name_key(wanted)]
-    name = repr(holder.name) if holder.name == wanted else f"{holder.name!r} (too like {wanted!r} to tell apart)"
-    if holder.member is None:
-        return f"the name {name} in room {room.name!r} is held for a member whose connection dropped; pick another"
-    return f"someone in room {room.name!r} is already called {name}; pick another name"
-
-
-def _free_default(room: _Room[T]) -> tuple[str, int]:
-    """The lowest default name given back and free, else the next new one: O(log n), not a scan of every name."""
-    taken = room.seats
-    free = room.free_numbers
-    while free:
-        number = heapq.heappop(free)
-        if name_key(_numbered(number)) not in taken:
-            return _numbered(number), number
-    # A name a member chose can take a number out of turn; it is skipped, and not handed out later either.
-    while name_key(_numbered(room.next_number)) in taken:
-        room.next_number += 1
-    number = room.next_number
-    room.next_number += 1
-    return _numbered(number), number
-
-
-def _numbered(number: int) -> str:
-    return DEFAULT_NAME if number == 1 else f"{DEFAULT_NAME}-{number}"
-
-
-def _issue_token(room: _Room[T], key: str, nonce: str) -> str:
-    """A resume token: the room's uid, a nonce, and a MAC proving the room gave it out for the name with `key`."""
-    mac = hmac.digest(room.secret, f"{key}\0{nonce}".encode("utf-8", "surrogatepass"), "sha256")
-    return f"{room.uid}.{nonce}.{base64.urlsafe_b64encode(mac[:18]).decode()}"
-
-
-def _proves(token: str, room: _Room[T], key: str) -> bool:
-    """Whether `room` gave out `token` for the name with `key`, in this membership or an earlier one."""
-    nonce = token.split(".")[1] if token.count(".") == 2 else ""
-    return _same_token(_issue_token(room, key, nonce), token)
-
-
-def _same_token(expected: str, presented: str) -> bool:
-    # Compared as bytes, in constant time: compare_digest refuses a str that is not ASCII.
-    return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "surrogatepass"))

@@ -20,15 +20,10 @@ from chat_service.console import run_console
 from chat_service.encoding import encode
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
 from chat_service.limits import Limiter, Limits
+from chat_service.memory_store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, MemoryStore
 from chat_service.metrics import Metrics
 from chat_service.registry import Registry
-from chat_service.rooms import (
-    DEFAULT_MAX_MEMBERS,
-    DEFAULT_MAX_ROOMS,
-    DEFAULT_QUEUE_LIMIT,
-    DEFAULT_RESUME_GRACE_SECONDS,
-    MemoryRegistry,
-)
+from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, RoomRegistry
 from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS, SERVICE_NAME, ChatServicer, handler
 from chat_service.stats import Stats
 
@@ -121,27 +116,27 @@ class ChatServer:
     def __init__(self, config: Config, token: str | None = None) -> None:
         self.config = config
         stats = Stats()
-        registry = MemoryRegistry(
-            encode,
-            queue_limit=config.queue_limit,
+        store = MemoryStore(
             history_limit=config.history,
             history_bytes=config.history_bytes,
-            size=len,
-            resume_grace=config.resume_grace_seconds,
             max_rooms=config.max_rooms,
             max_members=config.max_members,
             empty_room_ttl=config.empty_room_ttl,
+        )
+        self.store = store
+        self.registry: Registry[bytes] = RoomRegistry(
+            store,
+            encode,
+            queue_limit=config.queue_limit,
+            resume_grace=config.resume_grace_seconds,
             stats=stats,
         )
-        self.registry: Registry[bytes] = registry
         self._token = _choose_token(config, token)
         servicer = ChatServicer(
             self.registry, Limiter(config.limits, time.monotonic, stats), self._token.value, config.join_timeout_seconds
         )
         self.metrics = (
-            Metrics(stats, lambda: registry.room_count, lambda: registry.seated)
-            if config.metrics_port is not None
-            else None
+            Metrics(stats, lambda: store.room_count, lambda: store.seated) if config.metrics_port is not None else None
         )
         self.metrics_port = 0
         self.health = _Health()

@@ -8,21 +8,33 @@ import queue
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 
 from chat.v1 import chat_pb2_grpc
+from chat_service.events import Event
 from chat_service.limits import NO_LIMIT, Limits
+from chat_service.memory_store import MemoryStore
+from chat_service.rooms import RoomRegistry
 from chat_service.server import ChatServer, Config
+from chat_service.store import Store
+from tests.lagging_store import LaggingStore
+
+T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
 UNLIMITED = Limits(rooms=NO_LIMIT, joins=NO_LIMIT, lines=NO_LIMIT)
 # The same for the executable, for tests that flood from one address on purpose.
 UNLIMITED_FLAGS = ("--rooms-per-minute", "0", "--joins-per-second", "0", "--lines-per-second", "0")
+# The stores every behaviour suite runs against: the store suite (tests/test_store.py) and the registry's.
+STORES = ["memory"]
+# Options of a store rather than of the registry above it; make_registry hands these to make_store.
+STORE_OPTIONS = frozenset({"history_limit", "history_bytes", "max_rooms", "max_members", "empty_room_ttl"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,6 +47,57 @@ def executable(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run 'make test' to install the package")
     return str(path)
+
+
+def make_store(kind: str, **options: Any) -> Store:
+    """A new, empty store of `kind` (one of STORES) with `options` (see STORE_OPTIONS)."""
+    if kind == "memory":
+        return MemoryStore(**options)
+    if kind == "lagging":
+        return LaggingStore(MemoryStore(**options))
+    raise ValueError(f"no store called {kind!r}")
+
+
+# The store suite also runs against the in-memory store made to pause and lag as a shared one does, which proves
+# the suite relies on nothing a shared store cannot give.
+@pytest.fixture(params=[*STORES, "lagging"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A new store of each kind, small enough to reach its limits: 5 messages a room, 3 rooms, 4 names."""
+    made = make_store(request.param, history_limit=5, max_rooms=3, max_members=4)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which store a registry test builds its registries over."""
+    return str(request.param)
+
+
+def build_registry(kind: str, encode: Callable[[Event], T], **options: Any) -> RoomRegistry[T]:
+    """A registry over a new store of `kind`: `options` named in STORE_OPTIONS go to the store, the rest to it."""
+    store = make_store(kind, **{key: value for key, value in options.items() if key in STORE_OPTIONS})
+    return RoomRegistry(store, encode, **{key: value for key, value in options.items() if key not in STORE_OPTIONS})
+
+
+def _identity(event: Event) -> Event:
+    return event
+
+
+@pytest.fixture
+async def registry(store_kind: str) -> AsyncIterator[Callable[..., RoomRegistry[Event]]]:
+    """Makes registries whose events come out as plain values, each over a new store of every kind; shut down after."""
+    made: list[RoomRegistry[Event]] = []
+
+    def make(**options: Any) -> RoomRegistry[Event]:
+        made.append(build_registry(store_kind, _identity, **options))
+        return made[-1]
+
+    yield make
+    for registry in made:
+        await registry.shutdown()
 
 
 @contextlib.asynccontextmanager

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chat_service.errors import ErrorKind
 from chat_service.events import Event, Joined, LeaveReason, Message, Resume
 from chat_service.history import MESSAGE_OVERHEAD, History, HistoryBudget
-from chat_service.rooms import Member, MemoryRegistry
+from chat_service.memory_store import MemoryStore
+from chat_service.rooms import Member, RoomRegistry
+from tests.conftest import build_registry
+from tests.lagging_store import LaggingStore
 
 
 def test_history_keeps_the_newest_and_counts_what_it_dropped() -> None:
@@ -86,8 +90,10 @@ def _write(member: Member[Event]) -> list[Event]:
     return member._take() if member._backlog or member._queue else []
 
 
-async def _scenario(history_limit: int, batch_limit: int, plan: list[Step]) -> tuple[list[int], set[int], int]:
-    rooms = MemoryRegistry(_identity, history_limit=history_limit, batch_limit=batch_limit)
+async def _scenario(
+    store_kind: str, history_limit: int, batch_limit: int, plan: list[Step]
+) -> tuple[list[int], set[int], int]:
+    rooms = build_registry(store_kind, _identity, history_limit=history_limit, batch_limit=batch_limit)
     talker = await rooms.join("r", "talker", create=True)
     observer = await rooms.join("r", "observer")
     seen: list[Event] = []
@@ -121,10 +127,13 @@ async def _scenario(history_limit: int, batch_limit: int, plan: list[Step]) -> t
     return [e.seq for e in seen if isinstance(e, Message)], lost, said
 
 
-@settings(deadline=None, max_examples=150)
+# store_kind is a plain string, the same for every example: nothing of one example leaks into the next.
+@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history_limit=st.integers(0, 12), batch_limit=st.integers(1, 5), plan=steps)
-def test_replay_then_live_has_no_gap_and_no_duplicate(history_limit: int, batch_limit: int, plan: list[Step]) -> None:
-    received, lost, said = asyncio.run(_scenario(history_limit, batch_limit, plan))
+def test_replay_then_live_has_no_gap_and_no_duplicate(
+    store_kind: str, history_limit: int, batch_limit: int, plan: list[Step]
+) -> None:
+    received, lost, said = asyncio.run(_scenario(store_kind, history_limit, batch_limit, plan))
     # Every message arrives once and in order, except exactly those the server said it could not recover: on
     # each resume, the oldest `lost` of the messages the member had missed.
     assert received == [seq for seq in range(1, said + 1) if seq not in lost]
@@ -153,3 +162,82 @@ def test_the_budgets_order_forgets_messages_a_room_dropped_itself() -> None:
         history.append(seq, "m")
     assert budget.kept == 1
     assert len(budget._order) <= 2 * budget.kept + 1024
+
+
+async def test_joins_meet_a_follower_that_lags_the_log_with_no_gap_and_no_duplicate() -> None:
+    rooms = RoomRegistry(LaggingStore(MemoryStore()), _identity)
+    talker = await rooms.join("r", "talker", create=True)
+    lines = 60
+    received: dict[str, list[int]] = {}
+    joins: dict[str, Joined] = {}
+    done: dict[str, asyncio.Event] = {}
+
+    async def observe(name: str, member: Member[Event]) -> None:
+        async def write(batch: list[Event]) -> None:
+            for event in batch:
+                if isinstance(event, Joined):
+                    joins[name] = event
+                elif isinstance(event, Message):
+                    received[name].append(event.seq)
+                    if event.seq == lines:
+                        done[name].set()
+
+        received[name], done[name] = [], asyncio.Event()
+        await member.deliver(write)
+
+    async def talk() -> None:
+        for i in range(lines):
+            await talker.say(str(i))
+
+    talking = asyncio.create_task(talk())
+    watching = []
+    for i in range(8):
+        # Half join with history, half resume from a point they saw: both while the room goes on talking.
+        if i % 2 == 0:
+            member = await rooms.join("r", f"o{i}", history=3)
+        else:
+            first = await rooms.join("r", f"o{i}")
+            await first.leave(LeaveReason.DISCONNECTED)
+            token = first._backlog[0].resume_token  # type: ignore[index,union-attr]
+            member = await rooms.join(
+                "r", f"o{i}", resume=Resume(token, max(0, (await rooms.list_rooms())[0].last_seq - 2))
+            )
+        watching.append(asyncio.create_task(observe(f"o{i}", member)))
+        await asyncio.sleep(0)
+    await talking
+    async with asyncio.timeout(10):
+        for event in done.values():
+            await event.wait()
+    for name, seqs in received.items():
+        joined = joins[name]
+        first_seq = joined.last_seq - joined.replayed + 1
+        assert seqs == list(range(first_seq, lines + 1)), name
+    await rooms.shutdown()
+    await asyncio.gather(*watching)
+
+
+async def test_a_resume_taking_over_through_a_lagging_store_swaps_the_member_once() -> None:
+    rooms = RoomRegistry(LaggingStore(MemoryStore()), _identity)
+    alice = await rooms.join("r", "alice", create=True)
+    old = await rooms.join("r", "bob")
+    joined = old._backlog[0]  # type: ignore[index]
+    assert isinstance(joined, Joined)
+    new = await rooms.join("r", "bob", resume=Resume(joined.resume_token, 0))
+    assert old.dropped.result().kind is ErrorKind.RESUMED_ELSEWHERE
+    heard: asyncio.Queue[Event] = asyncio.Queue()
+
+    async def write(batch: list[Event]) -> None:
+        for event in batch:
+            heard.put_nowait(event)
+
+    delivering = asyncio.create_task(new.deliver(write))
+    await alice.say("after")
+    async with asyncio.timeout(10):
+        while not isinstance(event := await heard.get(), Message):
+            assert isinstance(event, Joined)
+    assert event.text == "after"
+    # The takeover's signal came after the swap, and found nobody more to drop.
+    assert rooms.stats.evicted["resumed_elsewhere"] == 1
+    assert [room.member_count for room in await rooms.list_rooms()] == [2]
+    await rooms.shutdown()
+    await delivering

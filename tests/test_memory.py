@@ -57,7 +57,7 @@ async def test_a_flood_of_history_stays_within_the_servers_byte_budget() -> None
         await again.call.write(pb.ChatRequest(join=pb.ChatRequest.JoinRoom(room="c", name="flooder", resume=resume)))
         resumed = (await again.next()).joined
         assert (resumed.replayed, resumed.lost) == (kept["c"], 20 - kept["c"])
-        assert chat.registry.history_budget.held <= budget  # type: ignore[attr-defined]
+        assert chat.store.history_budget.held <= budget
 
 
 async def test_a_stream_that_never_joins_is_ended_and_a_joined_one_lives_on() -> None:

@@ -1,4 +1,4 @@
-"""The in-memory registry driven directly, with no network: events come out as plain values."""
+"""The registry driven directly over each store, with no network: events come out as plain values."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -25,15 +25,10 @@ from chat_service.events import (
     RoomClosed,
     Whisper,
 )
-from chat_service.rooms import PRESENCE_RUN, Lease, Member, MemoryRegistry, WriteSlots
+from chat_service.rooms import PRESENCE_RUN, Lease, Member, RoomRegistry, WriteSlots
+from tests.conftest import build_registry
 
-
-def _identity(event: Event) -> Event:
-    return event
-
-
-def registry(**limits: Any) -> MemoryRegistry[Event]:
-    return MemoryRegistry(_identity, **limits)
+Registries = Callable[..., RoomRegistry[Event]]
 
 
 def drain(member: Member[Event]) -> list[Event]:
@@ -65,7 +60,7 @@ async def take(member: Member[Event]) -> list[Event]:
     return []
 
 
-async def settled(rooms: MemoryRegistry[Event], *names: str) -> list[Member[Event]]:
+async def settled(rooms: RoomRegistry[Event], *names: str) -> list[Member[Event]]:
     """Members `names` of room r (the first makes it), each past the batch that answered its join."""
     members = [await rooms.join("r", name, create=i == 0) for i, name in enumerate(names)]
     for member in members:
@@ -73,7 +68,7 @@ async def settled(rooms: MemoryRegistry[Event], *names: str) -> list[Member[Even
     return members
 
 
-async def test_join_sees_members_and_others_see_join() -> None:
+async def test_join_sees_members_and_others_see_join(registry: Registries) -> None:
     rooms = registry()
     alice = await rooms.join("lobby", "alice", create=True)
     bob = await rooms.join("lobby", "bob")
@@ -84,7 +79,7 @@ async def test_join_sees_members_and_others_see_join() -> None:
     assert tokenless(await take(bob)) == [Joined("lobby", "bob", ("alice", "bob"), 0, False, False, "", 0, 0)]
 
 
-async def test_messages_are_numbered_and_reach_everyone_in_one_order() -> None:
+async def test_messages_are_numbered_and_reach_everyone_in_one_order(registry: Registries) -> None:
     rooms = registry()
     members = await settled(rooms, "a", "b", "c")
     await members[2].say("one")
@@ -95,14 +90,14 @@ async def test_messages_are_numbered_and_reach_everyone_in_one_order() -> None:
     assert [(r.name, r.member_count, r.last_seq) for r in await rooms.list_rooms()] == [("r", 3, 2)]
 
 
-async def test_broadcast_is_encoded_once_and_shared() -> None:
+async def test_broadcast_is_encoded_once_and_shared(store_kind: str) -> None:
     calls: list[Event] = []
 
     def encode(event: Event) -> Event:
         calls.append(event)
         return event
 
-    rooms = MemoryRegistry(encode)
+    rooms = build_registry(store_kind, encode)
     members = [await rooms.join("r", f"m{i}", create=i == 0) for i in range(50)]
     calls.clear()
     await members[0].say("hi")
@@ -110,7 +105,7 @@ async def test_broadcast_is_encoded_once_and_shared() -> None:
     assert len({id(drain(m)[-1]) for m in members}) == 1
 
 
-async def test_whisper_goes_to_recipient_and_sender_only() -> None:
+async def test_whisper_goes_to_recipient_and_sender_only(registry: Registries) -> None:
     rooms = registry()
     alice, bob, carol = await settled(rooms, "alice", "bob", "carol")
     await alice.whisper("bob", "psst")
@@ -120,7 +115,7 @@ async def test_whisper_goes_to_recipient_and_sender_only() -> None:
     assert drain(carol) == []
 
 
-async def test_whisper_to_self_arrives_once() -> None:
+async def test_whisper_to_self_arrives_once(registry: Registries) -> None:
     rooms = registry()
     alice = await rooms.join("r", "alice", create=True)
     await take(alice)
@@ -139,7 +134,7 @@ async def test_whisper_to_self_arrives_once() -> None:
         ("r", "x" * 33, False, ErrorKind.INVALID_NAME),
     ],
 )
-async def test_join_refusals(room: str, name: str, create: bool, kind: ErrorKind) -> None:
+async def test_join_refusals(room: str, name: str, create: bool, kind: ErrorKind, registry: Registries) -> None:
     rooms = registry()
     await rooms.join("r", "alice", create=True)
     with pytest.raises(ChatError) as info:
@@ -148,7 +143,7 @@ async def test_join_refusals(room: str, name: str, create: bool, kind: ErrorKind
     assert [r.member_count for r in await rooms.list_rooms()] == [1]
 
 
-async def test_default_names_are_numbered_and_freed() -> None:
+async def test_default_names_are_numbered_and_freed(registry: Registries) -> None:
     rooms = registry()
     first = await rooms.join("r", "", create=True)
     second = await rooms.join("r", "")
@@ -157,7 +152,7 @@ async def test_default_names_are_numbered_and_freed() -> None:
     assert (await rooms.join("r", "")).name == "Unknown"
 
 
-async def test_leave_tells_the_others_and_ends_the_batches() -> None:
+async def test_leave_tells_the_others_and_ends_the_batches(registry: Registries) -> None:
     rooms = registry()
     alice, bob = await settled(rooms, "alice", "bob")
     await bob.leave()
@@ -169,7 +164,7 @@ async def test_leave_tells_the_others_and_ends_the_batches() -> None:
     assert info.value.kind is ErrorKind.NOT_JOINED
 
 
-async def test_kill_closes_room_for_every_member_and_forgets_it() -> None:
+async def test_kill_closes_room_for_every_member_and_forgets_it(registry: Registries) -> None:
     rooms = registry()
     alice = await rooms.join("r", "alice", create=True)
     bob = await rooms.join("r", "bob")
@@ -185,7 +180,7 @@ async def test_kill_closes_room_for_every_member_and_forgets_it() -> None:
     await rooms.create_room("r")
 
 
-async def test_rooms_past_the_limit_are_refused_until_one_is_killed() -> None:
+async def test_rooms_past_the_limit_are_refused_until_one_is_killed(registry: Registries) -> None:
     rooms = registry(max_rooms=2)
     await rooms.create_room("a")
     await rooms.join("b", "bob", create=True)
@@ -201,7 +196,7 @@ async def test_rooms_past_the_limit_are_refused_until_one_is_killed() -> None:
     await rooms.create_room("c")
 
 
-async def test_shutdown_closes_every_room_and_refuses_new_ones() -> None:
+async def test_shutdown_closes_every_room_and_refuses_new_ones(registry: Registries) -> None:
     rooms = registry()
     members = {room: await rooms.join(room, "m", create=True) for room in ("a", "b")}
     await rooms.shutdown()
@@ -213,7 +208,7 @@ async def test_shutdown_closes_every_room_and_refuses_new_ones() -> None:
         await rooms.create_room("c")
 
 
-async def test_waiting_member_wakes_on_a_message() -> None:
+async def test_waiting_member_wakes_on_a_message(registry: Registries) -> None:
     rooms = registry()
     alice = await rooms.join("r", "alice", create=True)
     bob = await rooms.join("r", "bob")
@@ -233,7 +228,7 @@ async def test_waiting_member_wakes_on_a_message() -> None:
     await asyncio.wait_for(delivering, 1)
 
 
-async def test_batches_are_bounded() -> None:
+async def test_batches_are_bounded(registry: Registries) -> None:
     rooms = registry(batch_limit=4)
     alice = await rooms.join("r", "alice", create=True)
     for i in range(9):
@@ -242,7 +237,7 @@ async def test_batches_are_bounded() -> None:
     assert sizes == [4, 4, 2]
 
 
-async def test_slow_member_is_evicted_and_the_room_goes_on() -> None:
+async def test_slow_member_is_evicted_and_the_room_goes_on(registry: Registries) -> None:
     rooms = registry(queue_limit=5)
     fast = await rooms.join("r", "fast", create=True)
     slow = await rooms.join("r", "slow")
@@ -258,7 +253,7 @@ async def test_slow_member_is_evicted_and_the_room_goes_on() -> None:
     assert [type(e) for e in await take(fast)] == [Message]
 
 
-async def test_eviction_is_announced_to_the_rest() -> None:
+async def test_eviction_is_announced_to_the_rest(registry: Registries) -> None:
     rooms = registry(queue_limit=3)
     fast = await rooms.join("r", "fast", create=True)
     await rooms.join("r", "slow")
@@ -272,7 +267,7 @@ async def test_eviction_is_announced_to_the_rest() -> None:
     assert [r.member_count for r in await rooms.list_rooms()] == [1]
 
 
-async def test_report_queues_an_error_for_one_member() -> None:
+async def test_report_queues_an_error_for_one_member(registry: Registries) -> None:
     rooms = registry()
     alice, bob = await settled(rooms, "alice", "bob")
     error = ChatError(ErrorKind.INVALID_TEXT, "too long")
@@ -281,7 +276,7 @@ async def test_report_queues_an_error_for_one_member() -> None:
     assert drain(bob) == []
 
 
-async def test_a_room_of_stalled_members_is_evicted_at_once() -> None:
+async def test_a_room_of_stalled_members_is_evicted_at_once(registry: Registries) -> None:
     limit = 4000
     rooms = registry(queue_limit=limit)
     sender = await rooms.join("r", "sender", create=True)
@@ -341,8 +336,8 @@ async def test_a_lease_held_too_long_gives_its_slot_back() -> None:
     again.release()
 
 
-async def test_events_arriving_while_waiting_for_a_slot_join_the_batch() -> None:
-    rooms = MemoryRegistry(_identity, write_slots=1)
+async def test_events_arriving_while_waiting_for_a_slot_join_the_batch(registry: Registries) -> None:
+    rooms = registry(write_slots=1)
     alice = await rooms.join("r", "alice", create=True)
     bob = await rooms.join("r", "bob")
     await take(alice)
@@ -365,7 +360,7 @@ async def test_events_arriving_while_waiting_for_a_slot_join_the_batch() -> None
     await asyncio.wait_for(delivering, 1)
 
 
-async def test_a_crowd_leaving_reaches_a_prompt_reader_as_one_member_list() -> None:
+async def test_a_crowd_leaving_reaches_a_prompt_reader_as_one_member_list(registry: Registries) -> None:
     rooms = registry(queue_limit=16)
     reader, talker = await settled(rooms, "reader", "talker")
     crowd = [await rooms.join("r", f"c{i}") for i in range(100)]
@@ -387,7 +382,7 @@ async def test_a_crowd_leaving_reaches_a_prompt_reader_as_one_member_list() -> N
     assert await take(reader) == [MemberJoined("late")]
 
 
-async def test_joins_and_leaves_never_count_against_the_bound() -> None:
+async def test_joins_and_leaves_never_count_against_the_bound(registry: Registries) -> None:
     rooms = registry(queue_limit=4)
     (idle,) = await settled(rooms, "idle")
     for i in range(200):
@@ -402,7 +397,7 @@ async def test_joins_and_leaves_never_count_against_the_bound() -> None:
     assert idle.dropped.result().kind is ErrorKind.TOO_SLOW
 
 
-async def test_an_evicted_member_is_freed_without_a_garbage_collection() -> None:
+async def test_an_evicted_member_is_freed_without_a_garbage_collection(registry: Registries) -> None:
     rooms = registry(queue_limit=1)
     fast, slow = await settled(rooms, "fast", "slow")
     gc.collect()
@@ -421,7 +416,7 @@ def _live_members() -> list[tuple[str, Member[Event]]]:
     return [(obj.name, obj) for obj in gc.get_objects() if isinstance(obj, Member)]
 
 
-async def test_default_names_take_the_lowest_number_given_back() -> None:
+async def test_default_names_take_the_lowest_number_given_back(registry: Registries) -> None:
     rooms = registry()
     first, second, third = [await rooms.join("r", "", create=i == 0) for i in range(3)]
     assert [m.name for m in (first, second, third)] == ["Unknown", "Unknown-2", "Unknown-3"]
@@ -436,7 +431,7 @@ async def test_default_names_take_the_lowest_number_given_back() -> None:
     assert (await rooms.join("r", "")).name == "Unknown-3"
 
 
-async def test_members_past_the_limit_are_refused_counting_names_held_for_a_resume() -> None:
+async def test_members_past_the_limit_are_refused_counting_names_held_for_a_resume(registry: Registries) -> None:
     rooms = registry(max_members=2)
     alice = await rooms.join("r", "alice", create=True)
     bob = await rooms.join("r", "bob")

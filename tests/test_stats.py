@@ -11,10 +11,10 @@ from chat_service.events import Joined, Resume
 from chat_service.limits import Limiter, Limits, Rate
 from chat_service.stats import Stats, cumulative
 from tests.test_limits import FakeClock
-from tests.test_rooms import drain, registry, take
+from tests.test_rooms import Registries, drain, take
 
 
-async def test_the_registry_counts_lines_whispers_writes_evictions_and_refused_caps() -> None:
+async def test_the_registry_counts_lines_whispers_writes_evictions_and_refused_caps(registry: Registries) -> None:
     rooms = registry(max_rooms=1, max_members=2)
     stats = rooms.stats
     alice = await rooms.join("r", "alice", create=True)
