@@ -8,6 +8,7 @@ import contextlib
 import gc
 import math
 import sys
+import urllib.parse
 from collections.abc import Callable, Coroutine
 from importlib import metadata
 from pathlib import Path
@@ -30,8 +31,9 @@ from chat_service.limits import (
 )
 from chat_service.memory_store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS
 from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
-from chat_service.server import DEFAULT_MAX_STREAMS_PER_CONNECTION, Config, Tls, run
+from chat_service.server import DEFAULT_MAX_STREAMS_PER_CONNECTION, MEMORY, Config, Tls, run
 from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS
+from chat_service.workers import Supervisor, WorkerStartError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -155,6 +157,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="HOST",
         help="address to serve metrics on (default: 127.0.0.1, this machine only)",
     )
+    parser.add_argument(
+        "--store",
+        type=_store,
+        default=MEMORY,
+        metavar="STORE",
+        help="where rooms live: memory (this process alone) or nats://HOST:PORT[,nats://HOST:PORT...], a NATS "
+        "JetStream cluster that any number of chat servers share (default: memory)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=_at_least(1, 5),
+        metavar="N",
+        help="NATS nodes that keep a copy of each room's messages (default: 3, or fewer in a smaller cluster)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_at_least(1, 256),
+        default=1,
+        metavar="N",
+        help="server processes sharing the port, one per core is a good start; needs a nats:// --store (default: 1)",
+    )
     parser.add_argument("--no-console", action="store_true", help="do not read /ls and /kill from the terminal")
     tls = parser.add_argument_group("TLS (off unless --tls-cert and --tls-key are given)")
     tls.add_argument("--tls-cert", type=Path, metavar="PATH", help="PEM certificate chain to serve TLS with")
@@ -170,13 +193,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tls-cert and --tls-key go together: give both, or neither")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.workers > 1 and args.store == MEMORY:
+        parser.error("--workers needs a nats:// --store: in memory, each process would have rooms of its own")
+    if args.replicas is not None and args.store == MEMORY:
+        parser.error("--replicas applies to a nats:// --store only")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `chat-server`."""
     args = parse_args(argv)
-    console = sys.stdin.isatty() and not args.no_console
+    # The console reads /ls and /kill into one process's registry; workers each have their own.
+    console = sys.stdin.isatty() and not args.no_console and args.workers == 1
     with _stdout_guard(console):
         logs.configure(args.log_level, args.log_format)
         config = Config(
@@ -201,16 +229,45 @@ def main(argv: list[str] | None = None) -> None:
             join_timeout_seconds=args.join_timeout,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            store=args.store,
+            replicas=args.replicas,
         )
         _tune_gc()
         try:
+            if args.workers > 1:
+                sys.exit(Supervisor(config, args.workers, _serve_worker).run())
             _run_loop(run(config, console=console))
         except TokenFileError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError, WorkerStartError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def _serve_worker(config: Config, token: str, ready: Callable[[int], None]) -> int:
+    """Run one of --workers' processes; its exit status."""
+    try:
+        _run_loop(run(config, console=False, token=token, ready=ready))
+    except (OSError, RuntimeError) as error:
+        print(f"error: a worker cannot serve on {config.host}:{config.port}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _store(text: str) -> str:
+    """`memory`, or a comma-separated list of nats:// URLs, each with a host and a port."""
+    if text == MEMORY:
+        return text
+    for url in text.split(","):
+        parts = urllib.parse.urlsplit(url.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "nats" or not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise argparse.ArgumentTypeError(f"expected memory or nats://HOST:PORT[,nats://HOST:PORT...], not {text!r}")
+    return text
 
 
 def _add_rate(parser: argparse.ArgumentParser, flag: str, default: float, what: str) -> None:

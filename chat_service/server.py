@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,13 @@ BACKLOG_OPTIONS: list[tuple[str, int]] = [
     ("grpc.server.max_pending_requests", 10_000),
     ("grpc.server.max_pending_requests_hard_limit", 20_000),
 ]
+MEMORY = "memory"
 # Streams open at once on one connection; the client's further streams wait for one to end. bench/ opens 64.
 DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
 
 
 def server_options(
-    keepalive_seconds: float, max_streams: int = DEFAULT_MAX_STREAMS_PER_CONNECTION
+    keepalive_seconds: float, max_streams: int = DEFAULT_MAX_STREAMS_PER_CONNECTION, *, reuse_port: bool = False
 ) -> list[tuple[str, int]]:
     """gRPC server options; a silent peer is dropped about 1.5 x `keepalive_seconds` after it went quiet."""
     keepalive_ms = int(keepalive_seconds * 1000)
@@ -55,8 +57,8 @@ def server_options(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
-        # Without this a second server on the same port would silently share it with the first.
-        ("grpc.so_reuseport", 0),
+        # Off, a second server on the same port fails instead of silently sharing it; --workers shares it on purpose.
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_concurrent_streams", max_streams),
         *BACKLOG_OPTIONS,
     ]
@@ -101,10 +103,17 @@ class Config:
     # Off unless given; 0 picks a free port. Loopback by default: metrics are for the operator, not the internet.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Set for --workers: the processes share the port, and the kernel spreads connections over them.
+    reuse_port: bool = False
+    # MEMORY, or the comma-separated nats:// URLs of a JetStream cluster; `replicas` None lets the cluster's size say.
+    store: str = MEMORY
+    replicas: int | None = None
 
 
 @dataclass
-class _Token:
+class Token:
+    """The admin token, where it is stored, and whether this process made it (and so owns its file)."""
+
     value: str
     path: Path | None
     generated: bool
@@ -131,7 +140,7 @@ class ChatServer:
             resume_grace=config.resume_grace_seconds,
             stats=stats,
         )
-        self._token = _choose_token(config, token)
+        self._token = choose_token(config, token)
         servicer = ChatServicer(
             self.registry, Limiter(config.limits, time.monotonic, stats), self._token.value, config.join_timeout_seconds
         )
@@ -147,7 +156,9 @@ class ChatServer:
         timing = [self.metrics.interceptor(SERVICE_NAME)] if self.metrics is not None else []
         self._server = grpc.aio.server(
             interceptors=[*timing, self._guard],
-            options=server_options(config.keepalive_seconds, config.max_streams_per_connection),
+            options=server_options(
+                config.keepalive_seconds, config.max_streams_per_connection, reuse_port=config.reuse_port
+            ),
         )
         self._server.add_generic_rpc_handlers([handler(servicer)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -170,11 +181,11 @@ class ChatServer:
     @property
     def address(self) -> str:
         """host:port as clients dial it."""
-        return _host_port(self.config.host, self.port)
+        return host_port(self.config.host, self.port)
 
     async def start(self) -> None:
         """Bind, serve metrics if asked, write the token file if one was generated, and start serving."""
-        address = _host_port(self.config.host, self.config.port)
+        address = host_port(self.config.host, self.config.port)
         tls = self.config.tls
         self.port = (
             self._server.add_secure_port(address, tls.credentials())
@@ -213,43 +224,41 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
         return health_pb2.HealthListResponse(statuses=statuses)
 
 
-def _host_port(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
     """`host:port` for gRPC, with an IPv6 host in brackets whether or not it was given with them."""
     host = host.removeprefix("[").removesuffix("]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _choose_token(config: Config, token: str | None) -> _Token:
+def choose_token(config: Config, token: str | None) -> Token:
+    """The admin token: given, from the environment, from --admin-token-file, or new (written once serving)."""
     if token is not None:
-        return _Token(token, None, generated=False)
+        return Token(token, None, generated=False)
     from_env = os.environ.get(admin_token.ENV_VAR)
     if from_env:
-        return _Token(from_env.strip(), None, generated=False)
+        return Token(from_env.strip(), None, generated=False)
     if config.admin_token_file is not None:
-        return _Token(admin_token.read_token(config.admin_token_file), config.admin_token_file, generated=False)
-    return _Token(admin_token.new_token(), None, generated=True)
+        return Token(admin_token.read_token(config.admin_token_file), config.admin_token_file, generated=False)
+    return Token(admin_token.new_token(), None, generated=True)
 
 
-async def run(config: Config, *, console: bool) -> None:
-    """Serve until SIGINT or SIGTERM (or the console's /quit), then shut down gracefully."""
+async def run(
+    config: Config, *, console: bool, token: str | None = None, ready: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGINT or SIGTERM (or the console's /quit), then shut down gracefully. A worker passes its
+    supervisor's `token` and `ready`, called with the metrics port instead of printing the start-up lines."""
     # Handlers first: a supervisor may send SIGTERM the moment it reads the listening line, and that must still
     # shut down cleanly and remove the token file.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = ChatServer(config)
+    server = ChatServer(config, token)
     await server.start()
-    print(f"chat server listening on {server.address}", flush=True)
-    if server.metrics is not None:
-        print(f"metrics: http://{_host_port(config.metrics_host, server.metrics_port)}/metrics", flush=True)
-    if config.tls is not None:
-        required = ", client certificates required" if config.tls.client_ca is not None else ""
-        print(f"TLS: on{required}", flush=True)
-    if server.token_path is not None:
-        print(f"admin token: {server.token_path}", flush=True)
+    if ready is not None:
+        ready(server.metrics_port)
     else:
-        print(f"admin token: from ${admin_token.ENV_VAR}", flush=True)
+        _announce(server)
     tasks: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
     if console:
         tasks.append(asyncio.create_task(run_console(server.registry)))
@@ -258,7 +267,23 @@ async def run(config: Config, *, console: bool) -> None:
     finally:
         for task in tasks:
             task.cancel()
-        print("shutting down: telling every member and closing connections", flush=True)
+        if ready is None:
+            print("shutting down: telling every member and closing connections", flush=True)
         await server.stop()
-        print("server stopped", flush=True)
+        if ready is None:
+            print("server stopped", flush=True)
         sys.stdout.flush()
+
+
+def _announce(server: ChatServer) -> None:
+    config = server.config
+    print(f"chat server listening on {server.address}", flush=True)
+    if server.metrics is not None:
+        print(f"metrics: http://{host_port(config.metrics_host, server.metrics_port)}/metrics", flush=True)
+    if config.tls is not None:
+        required = ", client certificates required" if config.tls.client_ca is not None else ""
+        print(f"TLS: on{required}", flush=True)
+    if server.token_path is not None:
+        print(f"admin token: {server.token_path}", flush=True)
+    else:
+        print(f"admin token: from ${admin_token.ENV_VAR}", flush=True)

@@ -34,6 +34,13 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
         (["--resume-grace", "nan"], "argument --resume-grace: must be 0 seconds or more, not nan"),
         (["--log-level", "bogus"], "argument --log-level: invalid choice: 'BOGUS'"),
         (["--metrics-port", "70000"], "argument --metrics-port: must be from 0 to 65535, not 70000"),
+        (["--store", "redis://x:1"], "argument --store: expected memory or nats://HOST:PORT[,nats://HOST:PORT...]"),
+        (["--store", "nats://a:1,nats://b"], "argument --store: expected memory or nats://HOST:PORT"),
+        (["--store", "nats://a:99999"], "argument --store: expected memory or nats://HOST:PORT"),
+        (["--workers", "2"], "--workers needs a nats:// --store"),
+        (["--workers", "0"], "argument --workers: must be from 1 to 256, not 0"),
+        (["--replicas", "3"], "--replicas applies to a nats:// --store only"),
+        (["--store", "nats://a:1", "--replicas", "6"], "argument --replicas: must be from 1 to 5, not 6"),
     ],
 )
 def test_the_server_refuses_bad_arguments(args: list[str], complaint: str) -> None:
