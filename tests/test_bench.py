@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-import uvloop
 
-from bench import bare, worker
+from bench import bare
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,26 +65,6 @@ def test_bare_benchmark_refuses_zero_events() -> None:
     with pytest.raises(SystemExit) as exit_info:
         bare.parse_args(["--events", "1,0"])
     assert exit_info.value.code == 2
-
-
-def test_a_watched_worker_pipe_still_sends_a_final_larger_than_its_buffer() -> None:
-    coordinator, worker_end = multiprocessing.Pipe()
-    final = b"x" * (8 << 20)
-    received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(coordinator.recv_bytes()), daemon=True)
-    reader.start()
-
-    async def send_while_watched() -> None:
-        worker.watch(worker_end, lambda: None)
-        worker_end.send_bytes(final)
-
-    try:
-        uvloop.run(send_while_watched())
-        reader.join(timeout=30)
-        assert received == [final]
-    finally:
-        coordinator.close()
-        worker_end.close()
 
 
 def _module(name: str, *args: str) -> subprocess.CompletedProcess[str]:
