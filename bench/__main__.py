@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -10,16 +12,46 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from bench import report, shapes
+from bench import shapes
 from bench.processes import BenchError, raise_open_files
-from bench.report import Outcome
-from bench.runner import MULTIPLEXED, Options, run_once
+from bench.runner import MULTIPLEXED, Options, RunResult, median, run_once
 from bench.server import ServerError
+from bench.shapes import Kind, Shape
 
 RESULTS = Path(__file__).with_name("results.json")
+BUSY = 0.9  # an event loop busy (running or waiting for a CPU) this much of the time never waits for work
+NOISE = 0.2  # CPUs used by other processes beyond which the figures are suspect
+
+
+@dataclass
+class Outcome:
+    """A shape's runs, and what went wrong in any of them."""
+
+    shape: Shape
+    runs: list[RunResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def median(self) -> RunResult | None:
+        return median(self.runs) if self.runs else None
+
+    def as_json(self) -> dict[str, object]:
+        """This shape's entry in results.json."""
+        run = self.median
+        return {
+            "description": self.shape.describe(),
+            "kind": self.shape.kind.value,
+            "ok": not self.errors,
+            "errors": self.errors,
+            "bottleneck": bottleneck(run, self.shape.kind) if run else None,
+            "median": dataclasses.asdict(run) if run else None,
+            "runs": [dataclasses.asdict(run) for run in self.runs],
+        }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,13 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", description="Fan-out benchmark of chat-server with real gRPC clients."
     )
     parser.add_argument("--quick", action="store_true", help="small shapes, under a minute in all (the CI smoke test)")
-    parser.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="run only this shape or group (burst, steady, idle, scale); may be repeated",
-    )
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this shape or group")
     parser.add_argument("--runs", type=int, default=1, help="runs per shape; figures are their medians (default: 1)")
     parser.add_argument(
         "--multiplexed",
@@ -77,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     outcomes = [_run(number, shape, options, args.runs, len(selected)) for number, shape in enumerate(selected, 1)]
     elapsed = time.monotonic() - started
-    bad = report.failures(outcomes)
+    bad = [f"  {outcome.shape.name}: {error}" for outcome in outcomes for error in outcome.errors]
     if bad:
         print("\nDELIVERY OR SERVER FAILURES: messages were lost, duplicated or reordered, or a process failed")
         print("\n".join(bad))
-    print("\n" + "\n".join(report.table(outcomes)))
+    print("\n" + "\n".join(table(outcomes)))
     verdict = "FAILED (see above)" if bad else "all deliveries exactly once and in order"
     print(f"\n{verdict}; {elapsed:.0f} s in all")
     meta = {
@@ -95,14 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
         "seconds": round(elapsed, 1),
     }
-    ok = all(outcome.ok for outcome in outcomes)
-    shapes_json = {outcome.shape.name: report.as_json(outcome) for outcome in outcomes}
-    args.output.write_text(json.dumps({"meta": meta, "ok": ok, "shapes": shapes_json}, indent=2) + "\n")
+    shapes_json = {outcome.shape.name: outcome.as_json() for outcome in outcomes}
+    args.output.write_text(json.dumps({"meta": meta, "ok": not bad, "shapes": shapes_json}, indent=2) + "\n")
     print(f"results written to {args.output}")
-    return 0 if ok else 1
+    return 1 if bad else 0
 
 
-def _run(number: int, shape: shapes.Shape, options: Options, runs: int, of: int) -> Outcome:
+def _run(number: int, shape: Shape, options: Options, runs: int, of: int) -> Outcome:
     outcome = Outcome(shape)
     for run in range(1, runs + 1):
         print(f"[{number}/{of}] {shape.name} run {run}/{runs}: {shape.describe()} ...", end="", flush=True)
@@ -115,23 +140,93 @@ def _run(number: int, shape: shapes.Shape, options: Options, runs: int, of: int)
             continue
         outcome.runs.append(result)
         print(f" {time.monotonic() - began:.1f} s, {result.check.summary()}", flush=True)
+        if not result.check.ok:
+            outcome.errors.append(f"run {run}: {result.check.summary()}")
+            outcome.errors.extend(f"  e.g. {example}" for example in result.check.examples[:5])
+        if result.server_exit_code != 0:
+            code = result.server_exit_code
+            outcome.errors.append(f"run {run}: the server did not stop cleanly on SIGTERM (exit code {code})")
     return outcome
 
 
 def _commit() -> str | None:
     """The git commit of the server under test, marked -dirty when the working tree differs from it."""
-    try:
-        found = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--exclude", "*"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return found.stdout.strip() or None
+    git = ["git", "describe", "--always", "--dirty", "--exclude", "*"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10, check=True)
+        return found.stdout.strip() or None
+    return None
+
+
+def ratio(run: RunResult) -> float | None:
+    """The chat server's cost over its bare floor: CPU per delivery, or memory per member for idle shapes."""
+    for value, floor in (
+        (run.server_us_per_delivery, run.floor_us_per_delivery),
+        (run.rss_per_member_kib, run.floor_rss_per_member_kib),
+    ):
+        if value is not None and floor:
+            return value / floor
+    return None
+
+
+def bottleneck(run: RunResult, kind: Kind) -> str:
+    """Which side limited the measured phase, judged by whose event loop never waited for work."""
+    server, generator = run.server_loop_busy >= BUSY, run.loadgen_loop_busy >= BUSY
+    if kind is Kind.IDLE:
+        return "-"
+    if server or generator:
+        return "both" if server and generator else "server" if server else "load generator"
+    return "neither (paced)" if kind is Kind.STEADY else "neither (window)"
+
+
+def evidence(run: RunResult) -> str:
+    """The figures behind the bottleneck verdict, and a warning when other processes competed for the CPUs."""
+    text = (
+        f"server loop busy {run.server_loop_busy:.0%} (waiting for a CPU {run.server_loop_starved:.0%}), "
+        f"busiest load-generator loop {run.loadgen_loop_busy:.0%}; CPUs used: server {run.server_cpu_share:.2f}, "
+        f"load generator {run.loadgen_cpu_share:.2f} ({run.workers} workers), others {run.other_cpu_share:.2f}"
+    )
+    if run.sender_lag_ms is not None:
+        text += f"; senders fell behind their schedule by up to {run.sender_lag_ms:.1f} ms"
+    if run.other_cpu_share > NOISE:
+        text += " -- NOISY: other processes competed for the CPUs"
+    return text
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(outcomes: Sequence[Outcome]) -> list[str]:
+    """The results table, one row per shape, then the bottleneck of each busy one."""
+    rows: list[tuple[str, ...]] = [
+        ("shape", "deliveries", "deliv/s", "srv µs/deliv", "floor µs", "x floor", "ev/batch", "p50 ms", "p99 ms",
+         "RSS/member KiB", "floor KiB", "delivery", "bottleneck"),
+    ]  # fmt: skip
+    notes = []
+    for outcome in outcomes:
+        run, kind = outcome.median, outcome.shape.kind
+        if run is None:
+            rows.append((outcome.shape.name, *["-"] * 10, "FAILED", "-"))
+            continue
+        rows.append(
+            (outcome.shape.name, f"{run.deliveries:,}", _num(run.deliveries_per_second, 0),
+             _num(run.server_us_per_delivery), _num(run.floor_us_per_delivery), _num(ratio(run)),
+             _num(run.events_per_batch, 1), _num(run.latency_p50_ms, 1), _num(run.latency_p99_ms, 1),
+             _num(run.rss_per_member_kib, 1), _num(run.floor_rss_per_member_kib, 1),
+             "FAILED" if outcome.errors else "ok", bottleneck(run, kind)),
+        )  # fmt: skip
+        if kind is not Kind.IDLE:
+            notes.append(f"  {outcome.shape.name}: {bottleneck(run, kind)} -- {evidence(run)}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) if i in (0, 11, 12) else cell.rjust(width) for i, (cell, width) in
+                  enumerate(zip(row, widths, strict=True))).rstrip()
+        for row in rows
+    ]  # fmt: skip
+    if notes:
+        lines += ["", "Bottleneck (the side whose event loop never waited for work):", *notes]
+    return lines
 
 
 if __name__ == "__main__":

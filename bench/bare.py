@@ -19,7 +19,7 @@ import grpc
 
 from bench import processes, procstat
 from bench.processes import BenchError, command
-from bench.protocol import Done, End, Go, Listening, Ready
+from bench.protocol import Done, End, Go, Ready
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
 from chat_service.server import BACKLOG_OPTIONS
@@ -144,7 +144,7 @@ async def _serve(conn: Connection, case: Case) -> None:
     server.add_generic_rpc_handlers([handler])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    conn.send(Listening(port))
+    conn.send(Ready(port))
     senders: list[asyncio.Task[None]] = []
     try:
         await asyncio.wait_for(servicer.all_open.wait(), TIMEOUT)
@@ -166,34 +166,36 @@ async def _serve(conn: Connection, case: Case) -> None:
 
 
 async def _read(conn: Connection, job: tuple[Case, int]) -> None:
-    """The reader's process: open every stream, read each one's writes, say Done, and close on End."""
+    """The reader's process: open every stream, say Ready, read each one's writes, say Done, and close on End."""
     case, port = job
     opened = processes.channels(f"127.0.0.1:{port}", case.streams, case.per_connection)
     gate = asyncio.Semaphore(128)
     responses = 0
 
-    async def one(index: int) -> None:
-        nonlocal responses
+    async def open_one(index: int) -> grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse]:
         async with gate:
             call = chat_pb2_grpc.ChatServiceStub(opened[index // case.per_connection]).Chat()
             await call.wait_for_connection()
+            return call
+
+    async def read(call: grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse]) -> None:
+        nonlocal responses
         events = 0
         while events < case.rounds * case.events:
             response = await call.read()
             if not isinstance(response, pb.ChatResponse):
-                raise RuntimeError(f"stream {index} ended before its {case.rounds} writes")
+                raise RuntimeError(f"a stream ended before its {case.rounds} writes")
             events += len(response.events)
             responses += 1
 
-    tasks = [asyncio.create_task(one(index)) for index in range(case.streams)]
     try:
         async with asyncio.timeout(TIMEOUT):
-            await asyncio.gather(*tasks)
+            calls = await asyncio.gather(*(open_one(index) for index in range(case.streams)))
+            conn.send(Ready())
+            await asyncio.gather(*(read(call) for call in calls))
         conn.send(Done(time.monotonic_ns(), case.streams * case.rounds * case.events, responses, 0))
         await command(conn, TIMEOUT, End)
     finally:
-        for task in tasks:
-            task.cancel()
         for channel in opened:
             await channel.close()
 
@@ -203,18 +205,18 @@ def measure(case: Case) -> Result:
     server = processes.spawn("bare server", _serve, case)
     children = [server]
     try:
-        port = processes.collect(children, Listening, TIMEOUT, lambda: None)[0].port
-        rss_start = procstat.rss_kib(server.process.pid or 0)
-        reader = processes.spawn("bare reader", _read, (case, port))
-        children.append(reader)
-        processes.collect([server], Ready, TIMEOUT, processes.alive([reader]))
-        meter = procstat.Meter([server.process.pid or 0])
+        port = processes.collect(children, Ready, TIMEOUT)[0].port
+        pid = server.process.pid or 0
+        rss_start = procstat.rss_kib(pid)
+        children.append(processes.spawn("bare reader", _read, (case, port)))
+        processes.collect(children, Ready, TIMEOUT)
+        meter = procstat.Meter([pid])
         server.send(Go(time.monotonic_ns()))
-        processes.collect([reader], Done, TIMEOUT, processes.alive([server]))
+        processes.collect(children[1:], Done, TIMEOUT)
         spent = meter.stop()
         if case.memory:
             time.sleep(SETTLE_SECONDS)
-        rss = (procstat.rss_kib(server.process.pid or 0) - rss_start) / case.streams
+        rss = (procstat.rss_kib(pid) - rss_start) / case.streams
         for child in children:
             child.send(End())
         return Result(case, spent, rss)
@@ -223,13 +225,7 @@ def measure(case: Case) -> Result:
 
 
 def _numbers(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, not {text!r}") from None
-    if any(value < 0 for value in values):
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return values
+    return [int(part) for part in text.split(",")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -253,8 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="streams sharing one TCP connection, a list (default: 1, a connection per stream as chat users have)",
     )
     args = parser.parse_args(argv)
-    if args.streams < 1 or args.rounds < 1 or 0 in args.events or 0 in args.streams_per_connection:
-        parser.error("--streams, --rounds and every --events and --streams-per-connection value must be at least 1")
+    if min(args.streams, args.rounds, *args.events, *args.streams_per_connection) < 1 or min(args.in_flight) < 0:
+        parser.error("--streams, --rounds, --events and --streams-per-connection must be at least 1, --in-flight 0")
     return args
 
 

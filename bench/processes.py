@@ -91,7 +91,9 @@ def spawn(name: str, main: Main, arg: object) -> Child:
     return Child(name, process, ours)
 
 
-def collect(children: Sequence[Child], kind: type[R], timeout: float, check: Callable[[], None]) -> list[R]:
+def collect(
+    children: Sequence[Child], kind: type[R], timeout: float, check: Callable[[], None] | None = None
+) -> list[R]:
     """One `kind` report from every child, in order; `check` raises when a process they depend on has died."""
     deadline = time.monotonic() + timeout
     got: dict[int, R] = {}
@@ -102,7 +104,8 @@ def collect(children: Sequence[Child], kind: type[R], timeout: float, check: Cal
             names = ", ".join(children[i].name for i in pending)
             raise BenchError(f"{names} sent no {kind.__name__} report within {timeout:.0f} s")
         wait([children[i].conn for i in pending] + [children[i].process.sentinel for i in pending], min(left, 0.5))
-        check()
+        if check is not None:
+            check()
         for i in pending:
             child = children[i]
             if child.conn.poll():
@@ -118,23 +121,6 @@ def collect(children: Sequence[Child], kind: type[R], timeout: float, check: Cal
             elif not child.process.is_alive():
                 raise BenchError(f"{child.name} exited (code {child.process.exitcode}) without a report")
     return [got[i] for i in range(len(children))]
-
-
-def alive(children: Sequence[Child]) -> Callable[[], None]:
-    """A check for `collect`: raise when any of `children` has exited, with its reason when it sent one."""
-
-    def check() -> None:
-        for child in children:
-            if child.process.exitcode is not None:
-                try:
-                    reason = child.conn.recv() if child.conn.poll() else None
-                except EOFError:
-                    reason = None
-                if isinstance(reason, Failed):
-                    raise BenchError(f"{child.name} failed: {reason.reason}")
-                raise BenchError(f"{child.name} exited (code {child.process.exitcode}) before the run ended")
-
-    return check
 
 
 def stop(children: Sequence[Child], patience: float) -> None:

@@ -41,15 +41,10 @@ class End:
 
 
 @dataclass(frozen=True)
-class Listening:
-    """The bare server is serving on `port`."""
-
-    port: int
-
-
-@dataclass(frozen=True)
 class Ready:
-    """Every stream is open (or the wave has joined) and every member has heard of every join so far."""
+    """Every stream is open (or the wave has joined and every member has heard of it); a bare server's port."""
+
+    port: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,11 +62,10 @@ class Check:
     """Whether every message arrived exactly once and in order at every member, counted over members."""
 
     members: int = 0
-    lost: int = 0  # messages some member never received
-    duplicated: int = 0
-    out_of_order: int = 0  # messages that did not come with the next expected sequence number
+    lost: int = 0  # messages after the last one a member received
+    duplicated: int = 0  # messages that came again, or after a later one
+    out_of_order: int = 0  # messages that came before an earlier one (which is lost, or comes late)
     extra: int = 0  # messages beyond the number said (a sequence number past the last)
-    incomplete: int = 0  # members that did not receive every message
     dropped: int = 0  # members whose stream the server ended with RESOURCE_EXHAUSTED (too slow)
     stream_errors: int = 0  # members whose stream failed with another status
     examples: list[str] = field(default_factory=list)
@@ -96,7 +90,7 @@ class Check:
         """One line: 'exactly once, in order' or what went wrong."""
         if self.ok:
             return f"exactly once, in order at all {self.members} members"
-        labels = {"incomplete": "members incomplete", "dropped": "members dropped as too slow"}
+        labels = {"dropped": "members dropped as too slow"}
         problems = (f"{value} {labels.get(name, name.replace('_', ' '))}" for name, value in self._counts().items())
         return "FAILED: " + ", ".join(problem for problem in problems if not problem.startswith("0 "))
 
@@ -116,5 +110,5 @@ class Failed:
     reason: str
 
 
-Report = Listening | Ready | Done | Final | Failed
+Report = Ready | Done | Final | Failed
 Command = Join | Go | End

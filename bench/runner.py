@@ -67,11 +67,6 @@ class RunResult:
     floor_rss_per_member_kib: float | None = None
     check: Check = field(default_factory=Check)
 
-    @property
-    def ok(self) -> bool:
-        """Every message arrived exactly once and in order, and the server stopped cleanly."""
-        return self.check.ok and self.server_exit_code == 0
-
 
 def median(runs: Sequence[RunResult]) -> RunResult:
     """The median of every float figure over `runs`; delivery checks are added up, so one bad run shows."""
@@ -105,16 +100,8 @@ def floor_case(shape: Shape, result: RunResult, options: Options) -> bare.Case:
     if shape.kind is Kind.IDLE:
         return bare.Case(members, 1, 1, DEFAULT_WRITE_SLOTS, per_connection, memory=True)
     if shape.kind is Kind.STEADY:
-        return bare.Case(
-            members,
-            shape.room_messages,
-            1,
-            DEFAULT_WRITE_SLOTS,
-            per_connection,
-            shape.rooms,
-            shape.senders,
-            shape.interval_ns,
-        )
+        steady = bare.Case(members, shape.room_messages, 1, DEFAULT_WRITE_SLOTS, per_connection, shape.rooms)
+        return dataclasses.replace(steady, senders=shape.senders, interval_ns=shape.interval_ns)
     batch = result.events_per_batch or 1.0
     rounds = max(1, round(result.deliveries / batch / members))
     events = max(1, round(result.deliveries / rounds / members))

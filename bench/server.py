@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-from collections import deque
+import tempfile
+import time
 from pathlib import Path
 
 START_TIMEOUT = 20.0
@@ -26,52 +25,38 @@ class ServerError(Exception):
     """The server failed to start, or died while it was being measured: a real failure of the run."""
 
 
-def executable() -> str:
-    """The `chat-server` installed beside this interpreter (the project's venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "chat-server"
-    found = str(beside) if beside.exists() else shutil.which("chat-server")
-    if found is None:
-        raise ServerError("chat-server is not installed; run 'make bench' so the venv is set up first")
-    return found
-
-
 class ServerProcess:
-    """A running `chat-server --port 0`; its output is drained by a thread so it never blocks on a full pipe."""
+    """A running `chat-server --port 0`, its output in a temporary file (a pipe left unread would block it)."""
 
     def __init__(self, max_queue: int | None = None) -> None:
-        args = [executable(), "--host", "127.0.0.1", "--port", "0", *ARGS]
-        if max_queue is not None:
-            args += ["--max-queue", str(max_queue)]
+        found = Path(sys.executable).with_name("chat-server")
+        executable = str(found) if found.exists() else shutil.which("chat-server")
+        if executable is None:
+            raise ServerError("chat-server is not installed; run 'make bench' so the venv is set up first")
+        args = [executable, "--host", "127.0.0.1", "--port", "0", *ARGS]
+        args += ["--max-queue", str(max_queue)] if max_queue is not None else []
         # A token in the environment keeps the server from writing a token file into the user's state dir.
         env = {**os.environ, "CHAT_ADMIN_TOKEN": "bench-admin-token", "PYTHONUNBUFFERED": "1"}
+        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - open as long as the server; close() ends both
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            args, stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, text=True, env=env
         )
         # The server's processes, whose CPU is the server's cost.
         self.pids = [self.process.pid]
-        self.tail: deque[str] = deque(maxlen=20)
         self._terminated = False
-        addresses: queue.Queue[str | None] = queue.Queue()
-        self._drain = threading.Thread(target=self._pump, args=(addresses,), daemon=True)
-        self._drain.start()
-        try:
-            address = addresses.get(timeout=START_TIMEOUT)
-        except queue.Empty:
-            address = None
-        if address is None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (address := self._address()) and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not address:
+            error = ServerError(f"chat-server did not start (exit code {self.process.poll()}): {self.errors()}")
             self.close()
-            raise ServerError(f"chat-server did not start (exit code {self.process.returncode}): {self.errors()}")
+            raise error
         self.address = address
 
-    def _pump(self, addresses: queue.Queue[str | None]) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.rstrip("\n")
-            if line.startswith(LISTENING):
-                addresses.put(line.removeprefix(LISTENING).strip())
-            elif "New room" not in line:
-                self.tail.append(line)
-        addresses.put(None)
+    def _address(self) -> str:
+        self.output.seek(0)
+        lines = (line for line in self.output if line.startswith(LISTENING))
+        return next(lines, "").removeprefix(LISTENING).strip()
 
     def check_alive(self) -> None:
         """Raise ServerError if the server has exited."""
@@ -95,14 +80,14 @@ class ServerProcess:
             return None
 
     def close(self) -> None:
-        """Make sure the process is gone and its pipe released; safe to call any time."""
+        """Make sure the process is gone and its output file released; safe to call any time."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
-        self._drain.join(timeout=2)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        self.output.close()
 
     def errors(self) -> str:
         """The server's last lines of output (tracebacks, log lines), as one indented block."""
-        return "".join(f"\n      | {line}" for line in self.tail) or "no output"
+        self.output.seek(0)
+        lines = [line.rstrip("\n") for line in self.output if "New room" not in line][-20:]
+        return "".join(f"\n      | {line}" for line in lines) or "no output"

@@ -37,9 +37,7 @@ class _Member:
         self.label = f"{spec.room}/{spec.name}"
         self.call: ChatCall | None = None
         self.base, self.last, self.next_seq = 0, expected, 1
-        self.count = self.responses = self.in_range = 0
-        # Filled only after the first out-of-sequence message: the common path is one comparison per message.
-        self.seen: set[int] | None = None
+        self.count = self.responses = 0
         self.room_count = 0  # members in the room as this member knows it: Joined.members plus announcements
         self.lagging = self.complete = self.closed = self.ended = False
         self.check = Check(members=1)
@@ -48,7 +46,6 @@ class _Member:
         self.senders: dict[str, _Member] | None = None
         self.next_index: dict[str, int] = {}
         self.sent = self.acked = 0
-        self.unwatched = False  # the room's watcher is gone: nothing will acknowledge this sender's messages
         self.waiter: asyncio.Future[None] | None = None
 
     async def open(self, stub: chat_pb2_grpc.ChatServiceAsyncStub) -> None:
@@ -99,14 +96,11 @@ class _Member:
             self.ended = True
             self._caught_up()
             self._complete(time.monotonic_ns())
-            for sender in (self.senders or {}).values():
-                sender.unwatched = True
-                sender.wake()
 
     def consume(self, events: Sequence[pb.Event], now: int) -> None:
         """Check one batch of events: the hot path of the load generator, so it keeps state in locals."""
         self.responses += 1
-        next_seq, seen, count, latencies = self.next_seq, self.seen, self.count, self.latencies
+        next_seq, count, latencies = self.next_seq, self.count, self.latencies
         watching = self.senders is not None
         for event in events:
             message = event.message
@@ -115,32 +109,26 @@ class _Member:
                 self._other(event)
                 continue
             count += 1
-            if seq == next_seq and seen is None:
-                next_seq += 1
-            else:
-                next_seq = self._disorder(seq, next_seq)
-                seen = self.seen
+            next_seq = next_seq + 1 if seq == next_seq else self._disorder(seq, next_seq)
             if latencies is not None:
                 latencies.append(now - int(message.text.partition(" ")[2]))
             if watching:
                 self._acknowledge(message)
         self.next_seq, self.count = next_seq, count
-        if not self.complete and (next_seq > self.last if seen is None else self.in_range >= self.expected):
+        if next_seq > self.last:
             self._complete(now)
 
     def _disorder(self, seq: int, next_seq: int) -> int:
-        if self.seen is None:
-            self.seen = set(range(self.base + 1, next_seq))
-            self.in_range = min(next_seq - 1, self.last) - self.base
-        if seq in self.seen:
-            self._example(f"seq {seq} arrived twice")
-            return next_seq
-        self.seen.add(seq)
-        self.in_range += self.base < seq <= self.last
-        if seq != next_seq:
+        """Count a message that is not the next one due; returns the sequence number due after it."""
+        self._example(f"seq {seq} arrived when {next_seq} was due")
+        if seq < next_seq:
+            self.check.duplicated += 1
+        elif seq > self.last:
+            self.check.extra += 1
+        else:
             self.check.out_of_order += 1
-            self._example(f"seq {seq} arrived when {next_seq} was due")
-        return max(next_seq, seq + 1)
+            return seq + 1
+        return next_seq
 
     def _acknowledge(self, message: pb.Message) -> None:
         assert self.senders is not None
@@ -154,11 +142,8 @@ class _Member:
             self._example(f"{message.sender}'s message {index} arrived when {due} was due")
         self.next_index[message.sender] = index + 1
         sender.acked += 1
-        sender.wake()
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+        if sender.waiter is not None and not sender.waiter.done():
+            sender.waiter.set_result(None)
 
     def _other(self, event: pb.Event) -> None:
         kind = event.WhichOneof("kind")
@@ -205,7 +190,8 @@ class _Member:
                 if (delay := due - time.monotonic_ns()) > 0:
                     await asyncio.sleep(delay / 1e9)
                 lag = max(lag, time.monotonic_ns() - due)
-            while not interval_ns and self.sent - self.acked >= WINDOW and not self.unwatched:
+            # A sender whose watcher is gone waits here until the run ends as stalled.
+            while not interval_ns and self.sent - self.acked >= WINDOW:
                 self.waiter = loop.create_future()
                 await self.waiter
             await self.call.write(pb.ChatRequest(say=pb.ChatRequest.SendMessage(text=f"{i} {time.monotonic_ns()}")))
@@ -213,16 +199,11 @@ class _Member:
         return lag
 
     def verdict(self) -> Check:
-        """This member's final count of lost, duplicated, extra and reordered messages."""
-        check = self.check
-        unique = self.next_seq - 1 - self.base if self.seen is None else len(self.seen)
-        in_range = min(unique, self.expected) if self.seen is None else self.in_range
-        check.lost, check.extra = self.expected - in_range, unique - in_range
-        check.duplicated = self.count - unique
-        check.incomplete = int(in_range < self.expected)
-        if check.lost or check.extra:
-            self._example(f"{check.lost} of {self.expected} messages never arrived, {check.extra} beyond them")
-        return check
+        """This member's count of messages lost (never reached), duplicated, extra and out of order."""
+        self.check.lost = max(0, self.last + 1 - self.next_seq)
+        if self.check.lost:
+            self._example(f"{self.check.lost} of {self.expected} messages never arrived")
+        return self.check
 
 
 class _Worker:
@@ -238,6 +219,7 @@ class _Worker:
         self.incomplete = len(self.members)
         self.completed = asyncio.Event()
         self.finish_ns = 0
+        self.readers: list[asyncio.Task[None]] = []
         watchers = {m.spec.room: m for m in self.members if m.spec.watcher}
         for member in self.members:
             if member.spec.sender:
@@ -261,14 +243,13 @@ class _Worker:
         """Open, join wave by wave, run the load on Go and report Done, then drain on End and report Final."""
         plan, conn = self.plan, self.conn
         opened = channels(plan.address, len(self.members), plan.streams_per_channel)
-        readers: list[asyncio.Task[None]] = []
         senders: list[asyncio.Task[int]] = []
         try:
             stubs = [chat_pb2_grpc.ChatServiceStub(channel) for channel in opened]
-            await self._within(self._open_all(stubs, readers), "opening the streams")
+            await self._within(self._open_all(stubs), "opening the streams")
             conn.send(Ready())
             while isinstance(step := await command(conn, plan.join_timeout + 120, Join, Go), Join):
-                await self._within(self._join_wave(step.wave, readers), f"join wave {step.wave}")
+                await self._within(self._join_wave(step.wave), f"join wave {step.wave}")
                 conn.send(Ready())
             assert isinstance(step, Go)
             responses = sum(m.responses for m in self.members)
@@ -285,8 +266,8 @@ class _Worker:
 
             await command(conn, plan.run_timeout + 120, End)
             # The server is stopping: each stream ends after RoomClosed; anything after the last seq is extra.
-            if readers:
-                await asyncio.wait(readers, timeout=DRAIN_SECONDS)
+            if self.readers:
+                await asyncio.wait(self.readers, timeout=DRAIN_SECONDS)
             check = Check()
             latencies = array("q")
             for member in self.members:
@@ -294,9 +275,9 @@ class _Worker:
                 latencies.extend(member.latencies or ())
             conn.send(Final(check, latencies.tobytes()))
         finally:
-            for task in (*senders, *readers):
+            for task in (*senders, *self.readers):
                 task.cancel()
-            await asyncio.gather(*senders, *readers, return_exceptions=True)
+            await asyncio.gather(*senders, *self.readers, return_exceptions=True)
             for channel in opened:
                 await channel.close(grace=None)
 
@@ -316,9 +297,7 @@ class _Worker:
                 await asyncio.wait_for(self.completed.wait(), STALL_AFTER_DROP_SECONDS)
         return True
 
-    async def _open_all(
-        self, stubs: list[chat_pb2_grpc.ChatServiceAsyncStub], readers: list[asyncio.Task[None]]
-    ) -> None:
+    async def _open_all(self, stubs: list[chat_pb2_grpc.ChatServiceAsyncStub]) -> None:
         """Create this worker's rooms and join their watchers first, then open every other stream, bounded."""
         gate = asyncio.Semaphore(OPEN_CONCURRENCY)
 
@@ -331,12 +310,12 @@ class _Worker:
         for member in watchers:
             await stubs[0].CreateRoom(pb.CreateRoomRequest(room=member.spec.room), timeout=self.plan.join_timeout)
         # The watcher is first in its room's fan-out order: it hears each message as early as the server allows.
-        await self._join(watchers, readers)
+        await self._join(watchers)
 
-    async def _join_wave(self, wave: int, readers: list[asyncio.Task[None]]) -> None:
+    async def _join_wave(self, wave: int) -> None:
         """Join this wave's members all at once, then wait until every member has heard of every join so far."""
         self.target = min(self.plan.shape.members, 1 + (wave + 1) * self.plan.wave_size)
-        await self._join([m for m in self.members if m.spec.wave == wave], readers)
+        await self._join([m for m in self.members if m.spec.wave == wave])
         # Counted with no await in between, so no announcement can slip between the test and the flag.
         self.caught_up.clear()
         self.lagging = 0
@@ -347,10 +326,10 @@ class _Worker:
         if self.lagging:
             await self.caught_up.wait()
 
-    async def _join(self, members: list[_Member], readers: list[asyncio.Task[None]]) -> None:
+    async def _join(self, members: list[_Member]) -> None:
         async def join(member: _Member) -> None:
             await member.join()
-            readers.append(asyncio.create_task(member.read()))
+            self.readers.append(asyncio.create_task(member.read()))
 
         await asyncio.gather(*(join(member) for member in members))
 
