@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -20,6 +21,7 @@ import grpc
 from bench import processes, procstat
 from bench.processes import BenchError, command
 from bench.protocol import Done, End, Go, Ready
+from bench.shapes import WINDOW
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
 from chat_service.server import BACKLOG_OPTIONS
@@ -46,6 +48,7 @@ class Case:
     senders: int = 1
     interval_ns: int = 0
     memory: bool = False  # wait for the server to settle, as the chat benchmark does, before reading its memory
+    lines: int = 0  # said by each of the first groups x senders streams, and read by the server, as chat senders' are
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,15 @@ class _Servicer:
             self.batches[due] = pb.ChatResponse(events=events).SerializeToString()
         return self.batches[due]
 
-    async def chat(self, requests: object, context: grpc.aio.ServicerContext[object, bytes]) -> None:
+    async def chat(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        # As the chat server does, every stream reads its requests in a task of its own.
+        reading = asyncio.create_task(_drain(requests))
+        try:
+            await self._write(context)
+        finally:
+            reading.cancel()
+
+    async def _write(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
         stream = _Stream()
         self.groups[self.opened % self.case.groups].append(stream)
         self.opened += 1
@@ -131,6 +142,11 @@ class _Servicer:
                 await asyncio.sleep(delay / 1e9)
             for stream in group:
                 stream.tick()
+
+
+async def _drain(requests: AsyncIterator[bytes]) -> None:
+    async for _ in requests:
+        pass
 
 
 async def _serve(conn: Connection, case: Case) -> None:
@@ -170,6 +186,8 @@ async def _read(conn: Connection, job: tuple[Case, int]) -> None:
     case, port = job
     opened = processes.channels(f"127.0.0.1:{port}", case.streams, case.per_connection)
     gate = asyncio.Semaphore(128)
+    talkers = case.groups * case.senders if case.lines else 0
+    line = pb.ChatRequest(say=pb.ChatRequest.SendMessage(text="x" * 30))
     responses = 0
 
     async def open_one(index: int) -> grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse]:
@@ -178,10 +196,22 @@ async def _read(conn: Connection, job: tuple[Case, int]) -> None:
             await call.wait_for_connection()
             return call
 
-    async def read(call: grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse]) -> None:
+    async def read(call: grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse], index: int, start: int) -> None:
         nonlocal responses
+        said = 0
         events = 0
         while events < case.rounds * case.events:
+            # A talker says its next lines as a chat sender would: paced, else at most WINDOW ahead of what it
+            # has read (its room's senders take turns, so each line is `senders` events).
+            while index < talkers and said < case.lines:
+                if case.interval_ns:
+                    due = start + int((said + index / talkers) * case.interval_ns)
+                    if due > time.monotonic_ns():
+                        break
+                elif (said - WINDOW + 1) * case.senders > events:
+                    break
+                said += 1
+                await call.write(line)
             response = await call.read()
             if not isinstance(response, pb.ChatResponse):
                 raise RuntimeError(f"a stream ended before its {case.rounds} writes")
@@ -192,7 +222,9 @@ async def _read(conn: Connection, job: tuple[Case, int]) -> None:
         async with asyncio.timeout(TIMEOUT):
             calls = await asyncio.gather(*(open_one(index) for index in range(case.streams)))
             conn.send(Ready())
-            await asyncio.gather(*(read(call) for call in calls))
+            await command(conn, TIMEOUT, Go)
+            start = time.monotonic_ns()
+            await asyncio.gather(*(read(call, index, start) for index, call in enumerate(calls)))
         conn.send(Done(time.monotonic_ns(), case.streams * case.rounds * case.events, responses, 0))
         await command(conn, TIMEOUT, End)
     finally:
@@ -211,7 +243,8 @@ def measure(case: Case) -> Result:
         children.append(processes.spawn("bare reader", _read, (case, port)))
         processes.collect(children, Ready, TIMEOUT)
         meter = procstat.Meter([pid])
-        server.send(Go(time.monotonic_ns()))
+        for child in children:
+            child.send(Go(time.monotonic_ns()))
         processes.collect(children[1:], Done, TIMEOUT)
         spent = meter.stop()
         if case.memory:

@@ -112,7 +112,8 @@ def collect(
                 try:
                     report = child.conn.recv()
                 except EOFError:
-                    report = None
+                    child.process.join(2)
+                    raise BenchError(f"{child.name} exited (code {child.process.exitcode}) without a report") from None
                 if isinstance(report, Failed):
                     raise BenchError(f"{child.name} failed: {report.reason}")
                 if not isinstance(report, kind):

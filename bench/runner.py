@@ -95,17 +95,18 @@ def run_once(shape: Shape, options: Options) -> RunResult:
 
 
 def floor_case(shape: Shape, result: RunResult, options: Options) -> bare.Case:
-    """The bare writes that match a run: as many streams on as many connections, writes of as many events."""
+    """The bare traffic that matches a run: as many streams and connections, writes of as many events, and lines."""
     members, per_connection = shape.total_members, options.streams_per_channel
     if shape.kind is Kind.IDLE:
         return bare.Case(members, 1, 1, DEFAULT_WRITE_SLOTS, per_connection, memory=True)
+    case = bare.Case(
+        members, 1, 1, DEFAULT_WRITE_SLOTS, per_connection, shape.rooms, shape.senders, lines=shape.messages
+    )
     if shape.kind is Kind.STEADY:
-        steady = bare.Case(members, shape.room_messages, 1, DEFAULT_WRITE_SLOTS, per_connection, shape.rooms)
-        return dataclasses.replace(steady, senders=shape.senders, interval_ns=shape.interval_ns)
+        return dataclasses.replace(case, rounds=shape.room_messages, interval_ns=shape.interval_ns)
     batch = result.events_per_batch or 1.0
     rounds = max(1, round(result.deliveries / batch / members))
-    events = max(1, round(result.deliveries / rounds / members))
-    return bare.Case(members, rounds, events, DEFAULT_WRITE_SLOTS, per_connection)
+    return dataclasses.replace(case, rounds=rounds, events=max(1, round(result.deliveries / rounds / members)))
 
 
 def _workers(shape: Shape, options: Options) -> int:
