@@ -186,8 +186,6 @@ def evidence(run: RunResult) -> str:
         f"busiest load-generator loop {run.loadgen_loop_busy:.0%}; CPUs used: server {run.server_cpu_share:.2f}, "
         f"load generator {run.loadgen_cpu_share:.2f} ({run.workers} workers), others {run.other_cpu_share:.2f}"
     )
-    if run.sender_lag_ms is not None:
-        text += f"; senders fell behind their schedule by up to {run.sender_lag_ms:.1f} ms"
     if run.other_cpu_share > NOISE:
         text += " -- NOISY: other processes competed for the CPUs"
     return text

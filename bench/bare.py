@@ -225,7 +225,7 @@ async def _read(conn: Connection, job: tuple[Case, int]) -> None:
             await command(conn, TIMEOUT, Go)
             start = time.monotonic_ns()
             await asyncio.gather(*(read(call, index, start) for index, call in enumerate(calls)))
-        conn.send(Done(time.monotonic_ns(), case.streams * case.rounds * case.events, responses, 0))
+        conn.send(Done(time.monotonic_ns(), case.streams * case.rounds * case.events, responses))
         await command(conn, TIMEOUT, End)
     finally:
         for channel in opened:
@@ -244,14 +244,14 @@ def measure(case: Case) -> Result:
         processes.collect(children, Ready, TIMEOUT)
         meter = procstat.Meter([pid])
         for child in children:
-            child.send(Go(time.monotonic_ns()))
+            child.conn.send(Go(time.monotonic_ns()))
         processes.collect(children[1:], Done, TIMEOUT)
         spent = meter.stop()
         if case.memory:
             time.sleep(SETTLE_SECONDS)
         rss = (procstat.rss_kib(pid) - rss_start) / case.streams
         for child in children:
-            child.send(End())
+            child.conn.send(End())
         return Result(case, spent, rss)
     finally:
         processes.stop(children, patience=10.0)

@@ -77,9 +77,6 @@ class Child:
     process: BaseProcess
     conn: Connection
 
-    def send(self, message: object) -> None:
-        self.conn.send(message)
-
 
 def spawn(name: str, main: Main, arg: object) -> Child:
     """Start `main(conn, arg)` in a fresh process (spawned: grpc must not cross a fork)."""

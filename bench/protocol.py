@@ -54,7 +54,6 @@ class Done:
     finish_ns: int  # when the last message arrived at the last member of this worker
     deliveries: int
     responses: int  # ChatResponse batches those deliveries came in
-    sender_lag_ns: int  # steady: how far the worst sender fell behind its schedule
 
 
 @dataclass

@@ -16,7 +16,7 @@ from bench import bare, processes, procstat, worker
 from bench.processes import Child
 from bench.protocol import Check, Done, End, Final, Go, Join, Ready, WorkerPlan
 from bench.server import ServerProcess
-from bench.shapes import Kind, Shape, assign, waves
+from bench.shapes import Kind, Shape, assign
 from chat_service.rooms import DEFAULT_WRITE_SLOTS
 
 MARGIN_SECONDS = 30.0
@@ -59,7 +59,6 @@ class RunResult:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     latency_max_ms: float | None
-    sender_lag_ms: float | None
     rss_per_member_kib: float | None
     server_exit_code: int | None
     # The same writes (or idle streams) from a bare grpc.aio server, measured right after: what no chat code can beat.
@@ -136,9 +135,9 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
             )
             children.append(processes.spawn(f"worker {index}", worker.main, plan))
         processes.collect(children, Ready, join_timeout + MARGIN_SECONDS, server.check_alive)
-        for wave in range(waves(shape, options.wave_size)):
+        for wave in range(-(-(shape.members - 1) // options.wave_size)):
             for child in children:
-                child.send(Join(wave))
+                child.conn.send(Join(wave))
             processes.collect(children, Ready, join_timeout + MARGIN_SECONDS, server.check_alive)
         if shape.kind is Kind.IDLE:
             # Let the last join announcements be written and their buffers freed before reading memory.
@@ -148,14 +147,14 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
         on_server, on_loadgen = procstat.Meter(server.pids), procstat.Meter([c.process.pid or 0 for c in children])
         go_ns = time.monotonic_ns()
         for child in children:
-            child.send(Go(go_ns))
+            child.conn.send(Go(go_ns))
         dones = processes.collect(children, Done, run_timeout + MARGIN_SECONDS, server.check_alive)
         spent, loadgen = on_server.stop(), on_loadgen.stop()
 
         # A graceful stop ends every stream with RoomClosed; the workers read to the end to catch any extra.
         server.terminate()
         for child in children:
-            child.send(End())
+            child.conn.send(End())
         finals = processes.collect(children, Final, worker.DRAIN_SECONDS + MARGIN_SECONDS, lambda: None)
         exit_code = server.stop()
         finished = True
@@ -188,7 +187,6 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
         latency_p50_ms=p50,
         latency_p99_ms=p99,
         latency_max_ms=peak,
-        sender_lag_ms=max(done.sender_lag_ns for done in dones) / 1e6 if shape.kind is Kind.STEADY else None,
         rss_per_member_kib=(rss_joined - rss_start) / shape.total_members if shape.kind is Kind.IDLE else None,
         server_exit_code=exit_code,
         check=check,

@@ -89,5 +89,5 @@ class ServerProcess:
     def errors(self) -> str:
         """The server's last lines of output (tracebacks, log lines), as one indented block."""
         self.output.seek(0)
-        lines = [line.rstrip("\n") for line in self.output if "New room" not in line][-20:]
+        lines = [line.rstrip("\n") for line in self.output][-20:]
         return "".join(f"\n      | {line}" for line in lines) or "no output"

@@ -22,13 +22,18 @@ class Shape:
     """One benchmark scenario: `rooms` rooms of `members` members (senders included)."""
 
     name: str
-    group: str
     kind: Kind
     rooms: int
     members: int
     senders: int = 0
     messages: int = 0  # per sender
     seconds: float = 0.0  # steady: how long the offered load lasts
+
+    @property
+    def group(self) -> str:
+        """burst, steady, idle, or scale for the bursts named rooms-... and members-..."""
+        prefix = self.name.partition("-")[0]
+        return "scale" if prefix in ("rooms", "members") else prefix
 
     @property
     def room_messages(self) -> int:
@@ -54,28 +59,23 @@ class Shape:
         base = f"{self.rooms} room(s) x {self.members} members"
         if self.kind is Kind.IDLE:
             return f"{base}, joined and idle"
-        if self.kind is Kind.STEADY:
-            return f"{base}, {self.senders} senders/room, {self.deliveries / self.seconds:,.0f} deliveries/s offered"
-        return f"{base}, {self.senders} sender(s)/room x {self.messages} messages"
+        rate = f", {self.deliveries / self.seconds:,.0f} deliveries/s" if self.seconds else ""
+        return f"{base}, {self.senders} sender(s)/room x {self.messages} messages{rate}"
 
 
-def burst(rooms: int, members: int, senders: int, messages: int, *, group: str = "burst", prefix: str = "") -> Shape:
-    return Shape(f"{prefix or group}-{rooms}x{members}", group, Kind.BURST, rooms, members, senders, messages)
+def burst(rooms: int, members: int, senders: int, messages: int, prefix: str = "burst") -> Shape:
+    return Shape(f"{prefix}-{rooms}x{members}", Kind.BURST, rooms, members, senders, messages)
 
 
 def steady(rooms: int, members: int, senders: int, rate: int, seconds: float) -> Shape:
     """An open-loop load of `rate` deliveries per second for `seconds`, spread evenly over the senders."""
     messages = round(rate * seconds / (rooms * members * senders))
-    return Shape(f"steady-{rooms}x{members}", "steady", Kind.STEADY, rooms, members, senders, messages, seconds)
-
-
-def idle(rooms: int, members: int) -> Shape:
-    return Shape(f"idle-{rooms * members}", "idle", Kind.IDLE, rooms, members)
+    return Shape(f"steady-{rooms}x{members}", Kind.STEADY, rooms, members, senders, messages, seconds)
 
 
 def _scale(rooms: tuple[int, ...], members: tuple[int, ...], room_size: int, messages: int) -> list[Shape]:
-    by_rooms = [burst(n, room_size, 2, messages, group="scale", prefix="rooms") for n in rooms]
-    return by_rooms + [burst(1, n, 1, messages, group="scale", prefix="members") for n in members]
+    by_rooms = [burst(n, room_size, 2, messages, "rooms") for n in rooms]
+    return by_rooms + [burst(1, n, 1, messages, "members") for n in members]
 
 
 # The scale group leaves out the room sizes the bursts above measure already.
@@ -83,14 +83,14 @@ FULL = [
     burst(10, 100, 2, 200),
     burst(1, 1000, 1, 200),
     steady(10, 100, 2, 20_000, 10.0),
-    idle(20, 100),
+    Shape("idle-2000", Kind.IDLE, 20, 100),
     *_scale((1, 4, 16), (100, 4000), 100, 200),
 ]
 QUICK = [
     burst(4, 50, 2, 50),
     burst(1, 200, 1, 50),
     steady(2, 50, 2, 2_000, 2.0),
-    idle(4, 50),
+    Shape("idle-200", Kind.IDLE, 4, 50),
     *_scale((1,), (50, 400), 50, 50),
 ]
 
@@ -116,11 +116,6 @@ class MemberSpec:
     wave: int = -1  # which join wave; the watcher (-1) joins before every wave
 
 
-def waves(shape: Shape, wave_size: int) -> int:
-    """How many join waves the members after each room's watcher need."""
-    return -(-(shape.members - 1) // wave_size)
-
-
 def assign(shape: Shape, workers: int, wave_size: int) -> list[list[MemberSpec]]:
     """Spread the shape's members over `workers` processes, each room's senders with its watcher.
 
@@ -128,7 +123,6 @@ def assign(shape: Shape, workers: int, wave_size: int) -> list[list[MemberSpec]]
     are fewer rooms than workers, a room's other members are dealt round-robin over all workers.
     """
     plans: list[list[MemberSpec]] = [[] for _ in range(workers)]
-    spread = shape.rooms < workers
     all_senders = max(1, shape.rooms * shape.senders)
     for r in range(shape.rooms):
         room, home = f"r{r}", r % workers
@@ -137,6 +131,6 @@ def assign(shape: Shape, workers: int, wave_size: int) -> list[list[MemberSpec]]
             phase = (r * shape.senders + s) / all_senders
             plans[home].append(MemberSpec(room, f"s{s}", sender=True, phase=phase, wave=s // wave_size))
         for m in range(shape.members - shape.senders - 1):
-            target = (home + 1 + m) % workers if spread else home
+            target = (home + 1 + m) % workers if shape.rooms < workers else home
             plans[target].append(MemberSpec(room, f"m{m}", wave=(shape.senders + m) // wave_size))
     return [plan for plan in plans if plan]

@@ -176,27 +176,21 @@ class _Member:
         if len(self.check.examples) < MAX_EXAMPLES:
             self.check.examples.append(f"{self.label}: {text}")
 
-    async def send(self, count: int, interval_ns: int, start_ns: int) -> int:
-        """Say `count` lines: paced every `interval_ns` whatever the replies, else at most WINDOW not yet watched.
-
-        Returns how far the paced sender fell behind its schedule at worst, in ns.
-        """
+    async def send(self, count: int, interval_ns: int, start_ns: int) -> None:
+        """Say `count` lines: paced every `interval_ns` whatever the replies, else at most WINDOW not yet watched."""
         assert self.call is not None
         loop = asyncio.get_running_loop()
-        lag = 0
         for i in range(count):
             if interval_ns:
                 due = start_ns + i * interval_ns
                 if (delay := due - time.monotonic_ns()) > 0:
                     await asyncio.sleep(delay / 1e9)
-                lag = max(lag, time.monotonic_ns() - due)
             # A sender whose watcher is gone waits here until the run ends as stalled.
             while not interval_ns and self.sent - self.acked >= WINDOW:
                 self.waiter = loop.create_future()
                 await self.waiter
             await self.call.write(pb.ChatRequest(say=pb.ChatRequest.SendMessage(text=f"{i} {time.monotonic_ns()}")))
             self.sent += 1
-        return lag
 
     def verdict(self) -> Check:
         """This member's count of messages lost (never reached), duplicated, extra and out of order."""
@@ -243,7 +237,7 @@ class _Worker:
         """Open, join wave by wave, run the load on Go and report Done, then drain on End and report Final."""
         plan, conn = self.plan, self.conn
         opened = channels(plan.address, len(self.members), plan.streams_per_channel)
-        senders: list[asyncio.Task[int]] = []
+        senders: list[asyncio.Task[None]] = []
         try:
             stubs = [chat_pb2_grpc.ChatServiceStub(channel) for channel in opened]
             await self._within(self._open_all(stubs), "opening the streams")
@@ -259,10 +253,9 @@ class _Worker:
                     senders.append(asyncio.create_task(member.send(plan.shape.messages, plan.shape.interval_ns, start)))
             if not await self._until_complete():
                 self.finish_ns = time.monotonic_ns()
-            lag = max((task.result() for task in senders if task.done() and not task.exception()), default=0)
             deliveries = sum(m.count for m in self.members)
             batches = sum(m.responses for m in self.members) - responses
-            conn.send(Done(max(self.finish_ns, step.at_ns), deliveries, batches, lag))
+            conn.send(Done(max(self.finish_ns, step.at_ns), deliveries, batches))
 
             await command(conn, plan.run_timeout + 120, End)
             # The server is stopping: each stream ends after RoomClosed; anything after the last seq is extra.
