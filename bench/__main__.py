@@ -204,17 +204,18 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
     notes = []
     for outcome in outcomes:
         run, kind = outcome.median, outcome.shape.kind
+        busy = kind is not Kind.IDLE
         if run is None:
             rows.append((outcome.shape.name, *["-"] * 10, "FAILED", "-"))
             continue
         rows.append(
-            (outcome.shape.name, f"{run.deliveries:,}", _num(run.deliveries_per_second, 0),
+            (outcome.shape.name, f"{run.deliveries:,}" if busy else "-", _num(run.deliveries_per_second or None, 0),
              _num(run.server_us_per_delivery), _num(run.floor_us_per_delivery), _num(ratio(run)),
              _num(run.events_per_batch, 1), _num(run.latency_p50_ms, 1), _num(run.latency_p99_ms, 1),
              _num(run.rss_per_member_kib, 1), _num(run.floor_rss_per_member_kib, 1),
              "FAILED" if outcome.errors else "ok", bottleneck(run, kind)),
         )  # fmt: skip
-        if kind is not Kind.IDLE:
+        if busy:
             notes.append(f"  {outcome.shape.name}: {bottleneck(run, kind)} -- {evidence(run)}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
