@@ -109,5 +109,4 @@ class Failed:
     reason: str
 
 
-Report = Ready | Done | Final | Failed
 Command = Join | Go | End
