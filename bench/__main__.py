@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -10,15 +12,46 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from bench import report, shapes
-from bench.bare import raise_open_files
-from bench.report import Outcome
-from bench.runner import MULTIPLEXED, STREAMS_PER_CHANNEL, BenchError, Options, ServerError, run_once
+from bench import shapes
+from bench.processes import BenchError, raise_open_files
+from bench.runner import MULTIPLEXED, Options, RunResult, median, run_once
+from bench.server import ServerError
+from bench.shapes import Kind, Shape
 
 RESULTS = Path(__file__).with_name("results.json")
+BUSY = 0.9  # an event loop busy (running or waiting for a CPU) this much of the time never waits for work
+NOISE = 0.2  # CPUs used by other processes beyond which the figures are suspect
+
+
+@dataclass
+class Outcome:
+    """A shape's runs, and what went wrong in any of them."""
+
+    shape: Shape
+    runs: list[RunResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def median(self) -> RunResult | None:
+        return median(self.runs) if self.runs else None
+
+    def as_json(self) -> dict[str, object]:
+        """This shape's entry in results.json."""
+        run = self.median
+        return {
+            "description": self.shape.describe(),
+            "kind": self.shape.kind.value,
+            "ok": not self.errors,
+            "errors": self.errors,
+            "bottleneck": bottleneck(run, self.shape.kind) if run else None,
+            "median": dataclasses.asdict(run) if run else None,
+            "runs": [dataclasses.asdict(run) for run in self.runs],
+        }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,43 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", description="Fan-out benchmark of chat-server with real gRPC clients."
     )
     parser.add_argument("--quick", action="store_true", help="small shapes, under a minute in all (the CI smoke test)")
-    parser.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="run only this shape or group (burst, steady, idle, scale); may be repeated; --list shows the names",
-    )
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this shape or group")
     parser.add_argument("--runs", type=int, default=1, help="runs per shape; figures are their medians (default: 1)")
     parser.add_argument(
-        "--workers",
-        type=int,
-        help="load-generator processes, each with its own event loop and connections "
-        "(default: one per CPU, and one per 1000 connections beyond that)",
-    )
-    layout = parser.add_mutually_exclusive_group()
-    layout.add_argument(
-        "--streams-per-channel",
-        type=int,
-        default=STREAMS_PER_CHANNEL,
-        help=f"members sharing one TCP connection (default: {STREAMS_PER_CHANNEL}, each on its own, as chat users are)",
-    )
-    layout.add_argument(
         "--multiplexed",
-        dest="streams_per_channel",
-        action="store_const",
-        const=MULTIPLEXED,
+        action="store_true",
         help=f"{MULTIPLEXED} members per connection, as a gateway or bridge holding many members would connect",
     )
-    parser.add_argument(
-        "--no-floor", action="store_true", help="skip measuring each run's bare grpc.aio floor (about halves the time)"
-    )
+    parser.add_argument("--no-floor", action="store_true", help="skip each run's bare grpc.aio floor (about half)")
     parser.add_argument("--max-queue", type=int, help="pass --max-queue to chat-server (default: the server's own)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the results (default: {RESULTS})")
-    parser.add_argument("--list", action="store_true", help="list the shapes and exit")
     args = parser.parse_args(argv)
-    if args.runs < 1 or (args.workers is not None and args.workers < 1) or args.streams_per_channel < 1:
-        parser.error("--runs, --workers and --streams-per-channel must be at least 1")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     return args
 
 
@@ -78,151 +87,145 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     # Inherited by the server and every worker: one connection per member takes a descriptor per member on each side.
     raise_open_files()
-    catalogue = shapes.QUICK if args.quick else shapes.FULL
-    if args.list:
-        for shape in catalogue:
-            print(f"{shape.name:<18} {shape.group:<7} {shape.describe()}")
-        return 0
     try:
-        selected = shapes.select(catalogue, args.only)
+        selected = shapes.select(shapes.QUICK if args.quick else shapes.FULL, args.only)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    # A join wave queues one announcement per joiner for every member: keep a wave well under the queue bound.
-    wave_size = 256 if args.max_queue is None else max(1, min(256, args.max_queue // 4))
-    options = Options(
-        workers=args.workers,
-        streams_per_channel=args.streams_per_channel,
-        wave_size=wave_size,
-        max_queue=args.max_queue,
-        floor=not args.no_floor,
-    )
+    options = Options(MULTIPLEXED if args.multiplexed else 1, not args.no_floor, args.max_queue)
+    layout = f"{MULTIPLEXED} members per TCP connection" if args.multiplexed else "one TCP connection per member"
     cpus = os.cpu_count() or 1
-    mode = "quick" if args.quick else "full"
     print(
-        f"chat-server fan-out benchmark ({mode}): {len(selected)} shape(s), median of {args.runs} run(s), "
-        f"{_layout(options.streams_per_channel)}, {cpus} CPUs, load average {os.getloadavg()[0]:.2f}",
+        f"chat-server fan-out benchmark: {len(selected)} shape(s), median of {args.runs} run(s), {layout}, "
+        f"{cpus} CPUs, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     started = time.monotonic()
-    try:
-        outcomes = _run_all(selected, options, args.runs)
-    except (KeyboardInterrupt, SystemExit):
-        print("\ninterrupted: the server and the workers of the current run were stopped", file=sys.stderr)
-        raise
+    outcomes = [_run(number, shape, options, args.runs, len(selected)) for number, shape in enumerate(selected, 1)]
     elapsed = time.monotonic() - started
-    _print(outcomes, cpus, elapsed)
+    bad = [f"  {outcome.shape.name}: {error}" for outcome in outcomes for error in outcome.errors]
+    if bad:
+        print("\nDELIVERY OR SERVER FAILURES: messages were lost, duplicated or reordered, or a process failed")
+        print("\n".join(bad))
+    print("\n" + "\n".join(table(outcomes)))
+    verdict = "FAILED (see above)" if bad else "all deliveries exactly once and in order"
+    print(f"\n{verdict}; {elapsed:.0f} s in all")
     meta = {
-        "mode": mode,
+        "quick": args.quick,
         "runs": args.runs,
-        "workers": options.workers or "auto",
         "streams_per_channel": options.streams_per_channel,
-        "max_queue": options.max_queue,
+        "max_queue": args.max_queue,
         "cpus": cpus,
         "server_commit": _commit(),
         "python": platform.python_version(),
-        "machine": platform.machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
         "seconds": round(elapsed, 1),
     }
-    _write(args.output, meta, outcomes)
-    return 0 if all(outcome.ok for outcome in outcomes) else 1
+    shapes_json = {outcome.shape.name: outcome.as_json() for outcome in outcomes}
+    args.output.write_text(json.dumps({"meta": meta, "ok": not bad, "shapes": shapes_json}, indent=2) + "\n")
+    print(f"results written to {args.output}")
+    return 1 if bad else 0
 
 
-def _run_all(selected: list[shapes.Shape], options: Options, runs: int) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    measured: dict[tuple[object, ...], Outcome] = {}
-    for number, shape in enumerate(selected, 1):
-        earlier = measured.get(shape.key)
-        if earlier is not None:
-            # The scale series repeats shapes measured above; one measurement serves both names.
-            outcomes.append(Outcome(shape, earlier.median, earlier.runs, earlier.errors, same_as=earlier.shape.name))
-            print(f"[{number}/{len(selected)}] {shape.name}: same as {earlier.shape.name}", flush=True)
+def _run(number: int, shape: Shape, options: Options, runs: int, of: int) -> Outcome:
+    outcome = Outcome(shape)
+    for run in range(1, runs + 1):
+        print(f"[{number}/{of}] {shape.name} run {run}/{runs}: {shape.describe()} ...", end="", flush=True)
+        began = time.monotonic()
+        try:
+            result = run_once(shape, options)
+        except (ServerError, BenchError) as error:
+            outcome.errors.append(f"run {run}: {type(error).__name__}: {error}")
+            print(f" FAILED after {time.monotonic() - began:.1f} s: {error}", flush=True)
             continue
-        outcome = Outcome(shape)
-        for run in range(1, runs + 1):
-            print(
-                f"[{number}/{len(selected)}] {shape.name} run {run}/{runs}: {shape.describe()} ...", end="", flush=True
-            )
-            began = time.monotonic()
-            try:
-                result = run_once(shape, options)
-            except (ServerError, BenchError) as error:
-                outcome.errors.append(f"run {run}: {type(error).__name__}: {error}")
-                print(f" FAILED after {time.monotonic() - began:.1f} s: {error}", flush=True)
-                continue
-            outcome.runs.append(result)
-            status = "ok" if result.check.ok else result.check.summary()
-            print(f" {time.monotonic() - began:.1f} s, {status}", flush=True)
-        if outcome.runs:
-            outcome.median = report.median(outcome.runs)
-        measured[shape.key] = outcome
-        outcomes.append(outcome)
-    return outcomes
-
-
-def _print(outcomes: list[Outcome], cpus: int, elapsed: float) -> None:
-    bad = report.failures(outcomes)
-    print()
-    if bad:
-        print("!" * 100)
-        print("DELIVERY OR SERVER FAILURES: messages were lost, duplicated or reordered, or a process failed")
-        print("\n".join(bad))
-        print("!" * 100)
-        print()
-    print("\n".join(report.table(outcomes)))
-    print()
-    notes = report.warnings(outcomes)
-    if notes:
-        print("Warnings:")
-        print("\n".join(notes))
-        print()
-    evidence = [
-        f"  {o.shape.name}: {report.bottleneck(o.median, o.shape.kind)} -- {report.explain(o.median, cpus)}"
-        for o in outcomes
-        if o.median is not None and o.same_as is None and o.shape.kind is not shapes.Kind.IDLE
-    ]
-    if evidence:
-        print("Bottleneck (the side whose event loop never waited for work):")
-        print("\n".join(evidence))
-    against = report.goals(outcomes)
-    if against:
-        print("\nAgainst the goals (informational):")
-        print("\n".join(against))
-    verdict = "all deliveries exactly once and in order" if not bad else "FAILED (see above)"
-    print(f"\n{verdict}; {elapsed:.0f} s in all")
-
-
-def _layout(per_connection: int) -> str:
-    if per_connection == 1:
-        return "one TCP connection per member"
-    return f"{per_connection} members per TCP connection (multiplexed)"
+        outcome.runs.append(result)
+        print(f" {time.monotonic() - began:.1f} s, {result.check.summary()}", flush=True)
+        if not result.check.ok:
+            outcome.errors.append(f"run {run}: {result.check.summary()}")
+            outcome.errors.extend(f"  e.g. {example}" for example in result.check.examples[:5])
+        if result.server_exit_code != 0:
+            code = result.server_exit_code
+            outcome.errors.append(f"run {run}: the server did not stop cleanly on SIGTERM (exit code {code})")
+    return outcome
 
 
 def _commit() -> str | None:
     """The git commit of the server under test, marked -dirty when the working tree differs from it."""
-    try:
-        found = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--exclude", "*"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return found.stdout.strip() or None
+    git = ["git", "describe", "--always", "--dirty", "--exclude", "*"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        found = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10, check=True)
+        return found.stdout.strip() or None
+    return None
 
 
-def _write(path: Path, meta: dict[str, object], outcomes: list[Outcome]) -> None:
-    document = {
-        "meta": meta,
-        "ok": all(outcome.ok for outcome in outcomes),
-        "shapes": {outcome.shape.name: report.as_json(outcome) for outcome in outcomes},
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"results written to {path}")
+def ratio(run: RunResult) -> float | None:
+    """The chat server's cost over its bare floor: CPU per delivery, or memory per member for idle shapes."""
+    for value, floor in (
+        (run.server_us_per_delivery, run.floor_us_per_delivery),
+        (run.rss_per_member_kib, run.floor_rss_per_member_kib),
+    ):
+        if value is not None and floor:
+            return value / floor
+    return None
+
+
+def bottleneck(run: RunResult, kind: Kind) -> str:
+    """Which side limited the measured phase, judged by whose event loop never waited for work."""
+    server, generator = run.server_loop_busy >= BUSY, run.loadgen_loop_busy >= BUSY
+    if kind is Kind.IDLE:
+        return "-"
+    if server or generator:
+        return "both" if server and generator else "server" if server else "load generator"
+    return "neither (paced)" if kind is Kind.STEADY else "neither (window)"
+
+
+def evidence(run: RunResult) -> str:
+    """The figures behind the bottleneck verdict, and a warning when other processes competed for the CPUs."""
+    text = (
+        f"server loop busy {run.server_loop_busy:.0%} (waiting for a CPU {run.server_loop_starved:.0%}), "
+        f"busiest load-generator loop {run.loadgen_loop_busy:.0%}; CPUs used: server {run.server_cpu_share:.2f}, "
+        f"load generator {run.loadgen_cpu_share:.2f} ({run.workers} workers), others {run.other_cpu_share:.2f}"
+    )
+    if run.other_cpu_share > NOISE:
+        text += " -- NOISY: other processes competed for the CPUs"
+    return text
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(outcomes: Sequence[Outcome]) -> list[str]:
+    """The results table, one row per shape, then the bottleneck of each busy one."""
+    rows: list[tuple[str, ...]] = [
+        ("shape", "deliveries", "deliv/s", "srv µs/deliv", "floor µs", "x floor", "ev/batch", "p50 ms", "p99 ms",
+         "RSS/member KiB", "floor KiB", "delivery", "bottleneck"),
+    ]  # fmt: skip
+    notes = []
+    for outcome in outcomes:
+        run, kind = outcome.median, outcome.shape.kind
+        busy = kind is not Kind.IDLE
+        if run is None:
+            rows.append((outcome.shape.name, *["-"] * 10, "FAILED", "-"))
+            continue
+        rows.append(
+            (outcome.shape.name, f"{run.deliveries:,}" if busy else "-", _num(run.deliveries_per_second or None, 0),
+             _num(run.server_us_per_delivery), _num(run.floor_us_per_delivery), _num(ratio(run)),
+             _num(run.events_per_batch, 1), _num(run.latency_p50_ms, 1), _num(run.latency_p99_ms, 1),
+             _num(run.rss_per_member_kib, 1), _num(run.floor_rss_per_member_kib, 1),
+             "FAILED" if outcome.errors else "ok", bottleneck(run, kind)),
+        )  # fmt: skip
+        if busy:
+            notes.append(f"  {outcome.shape.name}: {bottleneck(run, kind)} -- {evidence(run)}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) if i in (0, 11, 12) else cell.rjust(width) for i, (cell, width) in
+                  enumerate(zip(row, widths, strict=True))).rstrip()
+        for row in rows
+    ]  # fmt: skip
+    if notes:
+        lines += ["", "Bottleneck (the side whose event loop never waited for work):", *notes]
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,115 +1,62 @@
-"""The `chat-server` under test as a subprocess: start it on a free port, read its CPU and memory, stop it."""
+"""The `chat-server` under test as a subprocess: start it on a free port, watch that it lives, stop it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-from collections import deque
+import tempfile
+import time
 from pathlib import Path
-from typing import IO
-
-from bench import procstat
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 LISTENING = "chat server listening on "
 # Thousands of members from one address, joining in waves and saying lines as fast as they can: what the server's
-# per-address and per-member rate limits exist to refuse, so the benchmark turns them off.
-UNLIMITED = ["--rooms-per-minute", "0", "--joins-per-second", "0", "--lines-per-second", "0"]
+# per-address and per-member rate limits exist to refuse, so the benchmark turns them off. Every stream is opened
+# before the first wave joins, which takes longer than the default join timeout.
+ARGS = ["--no-console", "--rooms-per-minute", "0", "--joins-per-second", "0", "--lines-per-second", "0"]
+ARGS += ["--join-timeout", "3600"]
 
 
 class ServerError(Exception):
     """The server failed to start, or died while it was being measured: a real failure of the run."""
 
 
-def executable() -> str:
-    """The `chat-server` installed beside this interpreter (the project's venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "chat-server"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("chat-server")
-    if found is None:
-        raise ServerError("chat-server is not installed; run 'make bench' so the venv is set up first")
-    return found
-
-
 class ServerProcess:
-    """A running `chat-server --port 0`; its stdout is drained by a thread so it never blocks on a full pipe."""
+    """A running `chat-server --port 0`, its output in a temporary file (a pipe left unread would block it)."""
 
     def __init__(self, max_queue: int | None = None) -> None:
-        # Every stream is opened before the first wave joins, which takes longer than the default join timeout.
-        args = [
-            executable(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-console",
-            *UNLIMITED,
-            "--join-timeout",
-            "3600",
-        ]
-        if max_queue is not None:
-            args += ["--max-queue", str(max_queue)]
+        found = Path(sys.executable).with_name("chat-server")
+        executable = str(found) if found.exists() else shutil.which("chat-server")
+        if executable is None:
+            raise ServerError("chat-server is not installed; run 'make bench' so the venv is set up first")
+        args = [executable, "--host", "127.0.0.1", "--port", "0", *ARGS]
+        args += ["--max-queue", str(max_queue)] if max_queue is not None else []
         # A token in the environment keeps the server from writing a token file into the user's state dir.
         env = {**os.environ, "CHAT_ADMIN_TOKEN": "bench-admin-token", "PYTHONUNBUFFERED": "1"}
+        self.output = tempfile.TemporaryFile("w+")  # noqa: SIM115 - open as long as the server; close() ends both
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            args, stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT, text=True, env=env
         )
-        self.pid = self.process.pid
-        self.tail: deque[str] = deque(maxlen=40)
-        self.stderr: deque[str] = deque(maxlen=40)
+        # The server's processes, whose CPU is the server's cost.
+        self.pids = [self.process.pid]
         self._terminated = False
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        assert self.process.stdout is not None and self.process.stderr is not None
-        self._drains = [
-            threading.Thread(target=self._pump, args=(self.process.stdout,), daemon=True),
-            threading.Thread(target=self._keep, args=(self.process.stderr,), daemon=True),
-        ]
-        for thread in self._drains:
-            thread.start()
-        self.address = self._wait_for_address()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (address := self._address()) and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not address:
+            error = ServerError(f"chat-server did not start (exit code {self.process.poll()}): {self.errors()}")
+            self.close()
+            raise error
+        self.address = address
 
-    def _pump(self, stream: IO[str]) -> None:
-        for raw in stream:
-            line = raw.rstrip("\n")
-            self.tail.append(line)
-            if line.startswith(LISTENING):
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def _keep(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.stderr.append(line.rstrip("\n"))
-
-    def _wait_for_address(self) -> str:
-        try:
-            line = self._lines.get(timeout=START_TIMEOUT)
-        except queue.Empty:
-            self.kill()
-            raise ServerError(f"chat-server printed no address within {START_TIMEOUT:.0f} s") from None
-        if line is None:
-            self.kill()
-            raise ServerError(f"chat-server exited at start (code {self.process.returncode}): {self.errors()}")
-        return line.removeprefix(LISTENING).strip()
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the server process (all its threads), in seconds."""
-        return procstat.cpu_seconds(self.pid)
-
-    def rss_kib(self) -> int:
-        """Resident set size (VmRSS) of the server process in KiB."""
-        return procstat.rss_kib(self.pid)
-
-    def sched(self) -> procstat.Sched:
-        """Run and run-queue time of the server's main thread, which runs its event loop."""
-        return procstat.sched(self.pid)
+    def _address(self) -> str:
+        self.output.seek(0)
+        lines = (line for line in self.output if line.startswith(LISTENING))
+        return next(lines, "").removeprefix(LISTENING).strip()
 
     def check_alive(self) -> None:
         """Raise ServerError if the server has exited."""
@@ -123,32 +70,24 @@ class ServerProcess:
             self._terminated = True
             self.process.send_signal(signal.SIGTERM)
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+    def stop(self) -> int | None:
         """Shut down gracefully and wait; returns the exit code, or None if it had to be killed."""
         self.terminate()
         try:
-            return self.process.wait(timeout)
+            return self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.kill()
+            self.close()
             return None
 
-    def kill(self) -> None:
-        """Make sure the process is gone; safe to call any time."""
+    def close(self) -> None:
+        """Make sure the process is gone and its output file released; safe to call any time."""
         if self.process.poll() is None:
             self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
-        for thread in self._drains:
-            thread.join(timeout=2)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
+        self.output.close()
 
     def errors(self) -> str:
-        """The last lines the server wrote to stderr (tracebacks), else the last log lines, as one indented block."""
-        lines = list(self.stderr)[-20:] or [line for line in self.tail if "New room" not in line][-10:]
-        return "".join(f"\n      | {line}" for line in lines) or "nothing on stderr"
-
-    def close(self) -> None:
-        """Kill if still running and release the pipes."""
-        self.kill()
+        """The server's last lines of output (tracebacks, log lines), as one indented block."""
+        self.output.seek(0)
+        lines = [line.rstrip("\n") for line in self.output][-20:]
+        return "".join(f"\n      | {line}" for line in lines) or "no output"

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-import uvloop
 
-from bench import bare, worker
+from bench import bare
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    run = _module("bench", "--quick", "--only", "burst", "--only", "steady", "--only", "idle", "--output", str(results))
+    # One shape of each kind: a burst, steady load and idle members, each beside its floor.
+    only = ["--only", "burst-1x200", "--only", "steady", "--only", "idle"]
+    run = _module("bench", "--quick", *only, "--output", str(results))
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(results.read_text())
     assert report["ok"]
@@ -59,7 +58,7 @@ def test_bare_benchmark_prints_a_row_per_case() -> None:
 
 
 def test_bare_benchmark_serves_thousands_of_streams_opened_together() -> None:
-    run = _module("bench.bare", "--streams", "3000", "--rounds", "1", "--events", "1", "--in-flight", "0")
+    run = _module("bench.bare", "--streams", "2000", "--rounds", "1", "--events", "1", "--in-flight", "0")
     assert run.returncode == 0, run.stdout + run.stderr
     assert len(run.stdout.splitlines()) == 3
 
@@ -68,26 +67,6 @@ def test_bare_benchmark_refuses_zero_events() -> None:
     with pytest.raises(SystemExit) as exit_info:
         bare.parse_args(["--events", "1,0"])
     assert exit_info.value.code == 2
-
-
-def test_a_watched_worker_pipe_still_sends_a_final_larger_than_its_buffer() -> None:
-    coordinator, worker_end = multiprocessing.Pipe()
-    final = b"x" * (8 << 20)
-    received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(coordinator.recv_bytes()), daemon=True)
-    reader.start()
-
-    async def send_while_watched() -> None:
-        worker.watch(worker_end, lambda: None)
-        worker_end.send_bytes(final)
-
-    try:
-        uvloop.run(send_while_watched())
-        reader.join(timeout=30)
-        assert received == [final]
-    finally:
-        coordinator.close()
-        worker_end.close()
 
 
 def _module(name: str, *args: str) -> subprocess.CompletedProcess[str]:
