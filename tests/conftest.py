@@ -18,6 +18,7 @@ import pytest
 from chat.v1 import chat_pb2_grpc
 from chat_service.limits import NO_LIMIT, Limits
 from chat_service.server import ChatServer, Config
+from tests.nats import NatsNode, nats_node
 
 BIN = Path(sys.executable).parent
 UNLIMITED = Limits(rooms=NO_LIMIT, joins=NO_LIMIT, lines=NO_LIMIT)
@@ -166,3 +167,10 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+async def nats(tmp_path: Path) -> AsyncIterator[NatsNode]:
+    """A real nats-server with JetStream on a free loopback port, storing files under tmp_path, stopped afterwards."""
+    async with nats_node(tmp_path / "jetstream") as node:
+        yield node
