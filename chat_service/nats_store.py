@@ -67,6 +67,9 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 MIN_DUPLICATE_WINDOW_SECONDS = 120.0
 # Compare-and-set rounds for one append or claim before giving up: each lost round means another writer got in first.
 CAS_ATTEMPTS = 64
+# NATS's heartbeat on a followed room's consumer: two missed, the client makes the consumer anew from the last entry
+# it delivered (after NATS restarted, say). Shorter resumes sooner, but costs every followed room a message per beat.
+FOLLOW_HEARTBEAT_SECONDS = 2.0
 # Tails fetched at once by list_rooms.
 TAIL_FETCHES = 32
 # JetStream's error codes for a failed Nats-Expected-Last-Subject-Sequence, and for a stream that exists with
@@ -720,6 +723,11 @@ class NatsStore:
         async def signalled(msg: Msg) -> None:
             origin, signal = _decode_signal(msg.data)
             if origin != self.process and self._followed.get(room.uid) is followed:
+                if isinstance(signal, Takeover):
+                    held = self._held.get((room.uid, signal.key))
+                    if held is not None and held.claim != signal.claim:
+                        # Resumed in another process: the name is no longer this one's to count or free.
+                        self._drop_held((room.uid, signal.key))
                 followed.follower.signalled(signal)
 
         async def whispered(msg: Msg) -> None:
@@ -732,7 +740,12 @@ class NatsStore:
             # recreated by the client from the last entry it delivered when it notices a gap or a lost server.
             followed.subscriptions.append(
                 await self._js.subscribe(
-                    _log_subject(room.uid), stream=LOG_STREAM, cb=logged, ordered_consumer=True, config=config
+                    _log_subject(room.uid),
+                    stream=LOG_STREAM,
+                    cb=logged,
+                    ordered_consumer=True,
+                    config=config,
+                    idle_heartbeat=FOLLOW_HEARTBEAT_SECONDS,
                 )
             )
             followed.subscriptions.append(await self._nc.subscribe(f"chat.signal.{room.uid}", cb=signalled))

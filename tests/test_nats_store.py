@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import CloseReason, MemberJoined, Message, RoomClosed, Whisper
 from chat_service.nats_store import NatsStore, connect
 from chat_service.store import Entry, RoomRecord, Signal, Takeover
-from tests.nats import NatsNode, unused_port
+from tests.nats import NatsNode, nats_cluster, unused_port
 
 # Bounds every wait: far above what a busy 2-core machine needs, and only reached when something is broken.
 WAIT = 20.0
@@ -293,6 +294,8 @@ async def test_rooms_and_logs_outlive_a_restart_of_nats(nats: NatsNode) -> None:
     store = await connect([nats.url], replicas=1, on_availability=availability)
     try:
         room = await store.create_room("lasting")
+        heard = Recorder()
+        await store.follow(room, heard)
         await store.append(room, line("ann", "remember me"))
         await nats.stop()
         await availability.until(False)
@@ -301,7 +304,13 @@ async def test_rooms_and_logs_outlive_a_restart_of_nats(nats: NatsNode) -> None:
         await availability.until(True)
         assert await store.find_room("lasting") == room
         assert [m.text for m in (await store.read(room, last=5)).messages] == ["remember me"]
-        assert (await store.append(room, line("ann", "still here"))).message.seq == 2
+        # The follower's consumer went with NATS's memory; the client makes it anew and hears another process.
+        other = await open_store(nats)
+        try:
+            assert (await other.append(room, line("bob", "still here"))).message.seq == 2
+        finally:
+            await other.close()
+        await heard.until(lambda: heard.seqs() == [1, 2])
     finally:
         await store.close()
 
@@ -319,6 +328,23 @@ async def test_operations_refuse_while_nats_is_away(nats: NatsNode) -> None:
         assert refused.value.message == "the message store is unreachable; try again shortly"
     finally:
         await store.close()
+
+
+async def test_a_cluster_replicates_each_room_on_three_nodes(tmp_path: Path) -> None:
+    async with nats_cluster(tmp_path / "cluster") as nodes:
+        first = await connect([nodes[0].url], replicas=None, liveness=LIVENESS)
+        second = await connect([nodes[2].url], replicas=None, liveness=LIVENESS)
+        try:
+            assert first.replicas == 3
+            room = await first.create_room("everywhere")
+            heard = Recorder()
+            await second.follow(room, heard)
+            await first.append(room, line("ann", "hello"))
+            await second.append(room, line("bob", "hi"))
+            await heard.until(lambda: heard.seqs() == [1, 2])
+        finally:
+            await first.close()
+            await second.close()
 
 
 async def test_a_missing_nats_is_one_clear_error() -> None:
