@@ -212,9 +212,11 @@ class NatsStore:
         max_members: int = DEFAULT_MAX_MEMBERS,
         liveness: float = DEFAULT_LIVENESS_SECONDS,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        empty_room_ttl: float | None = None,
         on_availability: Callable[[bool], None] | None = None,
     ) -> None:
         self._nc = connection
+        self.empty_room_ttl = empty_room_ttl
         self._js = connection.jetstream(timeout=timeout)
         self.replicas = replicas
         self.history_limit = history_limit
@@ -237,6 +239,7 @@ class NatsStore:
         self._room_count = 0
         self._beat = asyncio.Event()
         self._heart: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -276,6 +279,8 @@ class NatsStore:
         )
         await self._heartbeat()
         self._heart = asyncio.get_running_loop().create_task(self._beating())
+        if self.empty_room_ttl is not None:
+            self._sweep = asyncio.get_running_loop().create_task(self._sweeping(self.empty_room_ttl))
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:
@@ -378,31 +383,50 @@ class NatsStore:
 
     @_guarded
     async def prune_rooms(self) -> list[str]:
-        records = await self._rooms()
-        alive = await self._processes()
-        seats = await self._scan(f"KV_{NAMES_BUCKET}", f"$KV.{NAMES_BUCKET}.>", api.DeliverPolicy.LAST_PER_SUBJECT)
-        now = time.time()
-        used = set()
-        for msg in seats:
-            if _deleted(msg):
+        used = {uid for uid, _ in await self._seats_in_use()}
+        return sorted(
+            [record.name for record in await self._rooms() if record.uid not in used and await self._end(record)]
+        )
+
+    async def _end(self, record: RoomRecord) -> bool:
+        """Close a room nobody uses as KILLED; False if another process closed it first."""
+        # Processes pruning or sweeping the same room at once: the log lets one of them close it.
+        try:
+            await self._log(record, RoomClosed(record.name, CloseReason.KILLED), "")
+        except ChatError as error:
+            if error.kind is not ErrorKind.ROOM_NOT_FOUND:
+                raise
+            return False
+        await self._forget(record)
+        return True
+
+    async def _sweeping(self, ttl: float) -> None:
+        """Close the rooms seen empty for `ttl` seconds, looking every quarter of it; every process sweeps."""
+        loop = asyncio.get_running_loop()
+        empty_since: dict[str, float] = {}
+        while not self._closed:
+            await asyncio.sleep(ttl / 4)
+            if not self.available:
                 continue
-            seat = _SeatRecord.parse(msg.data, msg.metadata.sequence.stream)
-            if (seat.holder and seat.holder in alive) or (not seat.holder and seat.until > now):
-                used.add(msg.subject.split(".")[2])
-        pruned = []
-        for record in records:
-            if record.uid in used:
-                continue
-            # Another process may prune or kill the same room meanwhile; the log lets one of them close it.
             try:
-                await self._log(record, RoomClosed(record.name, CloseReason.KILLED), "")
-            except ChatError as error:
-                if error.kind is not ErrorKind.ROOM_NOT_FOUND:
-                    raise
-                continue
-            await self._forget(record)
-            pruned.append(record.name)
-        return sorted(pruned)
+                used = {uid for uid, _ in await self._seats_in_use()}
+                now = loop.time()
+                seen, empty_since = empty_since, {}
+                for record in await self._rooms():
+                    since = seen.get(record.uid, now)
+                    if record.uid in used:
+                        continue
+                    if now - since < ttl:
+                        empty_since[record.uid] = since
+                    elif await self._end(record):
+                        log.info(
+                            "Room %s closed: nobody was in it for %g s",
+                            record.name,
+                            ttl,
+                            extra={"room": record.name, "reason": "expired"},
+                        )
+            except (TimeoutError, nats.errors.Error, ChatError) as error:
+                log.debug("A sweep of empty rooms stopped short: %s", error)
 
     async def _rooms(self) -> list[RoomRecord]:
         records = []
@@ -504,22 +528,25 @@ class NatsStore:
 
     async def _free_default(self, room: RoomRecord) -> str:
         """The lowest numbered default name nobody holds in `room`."""
-        taken = set()
-        now = time.time()
-        alive = await self._processes()
-        seats = await self._scan(
-            f"KV_{NAMES_BUCKET}", f"$KV.{NAMES_BUCKET}.{room.uid}.>", api.DeliverPolicy.LAST_PER_SUBJECT
-        )
-        for msg in seats:
-            if _deleted(msg):
-                continue
-            seat = _SeatRecord.parse(msg.data, msg.metadata.sequence.stream)
-            if (seat.holder and seat.holder in alive) or (not seat.holder and seat.until > now):
-                taken.add(name_key(seat.name))
+        taken = {name_key(seat.name) for _, seat in await self._seats_in_use(room.uid)}
         number = 1
         while name_key(_numbered(number)) in taken:
             number += 1
         return _numbered(number)
+
+    async def _seats_in_use(self, uid: str = "") -> list[tuple[str, _SeatRecord]]:
+        """Room uid and seat of every name held, live by a live process or within its grace, in one room or all."""
+        alive = await self._processes()
+        now = time.time()
+        subject = f"$KV.{NAMES_BUCKET}.{uid or '*'}.>"
+        used = []
+        for msg in await self._scan(f"KV_{NAMES_BUCKET}", subject, api.DeliverPolicy.LAST_PER_SUBJECT):
+            if _deleted(msg):
+                continue
+            seat = _SeatRecord.parse(msg.data, msg.metadata.sequence.stream)
+            if seat.holder in alive if seat.holder else seat.until > now:
+                used.append((msg.subject.split(".")[2], seat))
+        return used
 
     @_guarded
     async def vacate(self, room: RoomRecord, seat: Seat, grace: float) -> None:
@@ -900,8 +927,9 @@ class NatsStore:
     async def close(self) -> None:
         if self._closed:
             return
-        if self._heart is not None:
-            self._heart.cancel()
+        for task in (self._heart, self._sweep):
+            if task is not None:
+                task.cancel()
         for uid in list(self._followed):
             await self._unfollow(uid)
         for key in list(self._held):
@@ -942,6 +970,7 @@ async def connect(
     max_members: int = DEFAULT_MAX_MEMBERS,
     liveness: float = DEFAULT_LIVENESS_SECONDS,
     request_timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    empty_room_ttl: float | None = None,
     on_availability: Callable[[bool], None] | None = None,
 ) -> NatsStore:
     """Connect to NATS at `urls` (nats://HOST:PORT each) and set up the store; `replicas` None means min(3, the
@@ -997,6 +1026,7 @@ async def connect(
         max_members=max_members,
         liveness=liveness,
         timeout=request_timeout,
+        empty_room_ttl=empty_room_ttl,
         on_availability=on_availability,
     )
     handlers["store"] = store

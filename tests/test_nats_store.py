@@ -289,6 +289,19 @@ async def test_prune_closes_the_rooms_where_no_name_is_held(stores: tuple[NatsSt
     assert [(room.member_count, room.last_seq) for room in await first.list_rooms()] == [(1, 0)]
 
 
+async def test_rooms_left_empty_for_the_ttl_are_closed(nats: NatsNode) -> None:
+    store = await connect([nats.url], replicas=1, liveness=LIVENESS, empty_room_ttl=0.4)
+    try:
+        empty, used = await store.create_room("empty"), await store.create_room("used")
+        heard = Recorder()
+        await store.follow(empty, heard)
+        await store.claim(used, "ann", token)
+        await heard.until(lambda: heard.entries == [RoomClosed("empty", CloseReason.KILLED)])
+        assert [room.name for room in await store.list_rooms()] == ["used"]
+    finally:
+        await store.close()
+
+
 async def test_rooms_and_logs_outlive_a_restart_of_nats(nats: NatsNode) -> None:
     availability = Availability()
     store = await connect([nats.url], replicas=1, on_availability=availability)
