@@ -713,6 +713,8 @@ class NatsStore:
     @_guarded
     async def read(self, room: RoomRecord, *, after: int | None = None, last: int = 0) -> Backlog:
         tail = await self._tail(room.uid)
+        if tail.closed:
+            raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
         wanted = tail.seq - min(max(after, 0), tail.seq) if after is not None else min(max(last, 0), tail.seq)
         if wanted == 0 or self.history_limit == 0:
             return Backlog([], wanted if after is not None else 0, tail.seq)

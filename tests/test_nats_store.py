@@ -272,6 +272,8 @@ async def test_closing_a_room_is_logged_and_seen_by_every_process(stores: tuple[
         await first.append(room, line("ann", "too late"))
     assert gone.value.kind is ErrorKind.ROOM_NOT_FOUND
     with pytest.raises(ChatError):
+        await second.read(room, last=5)
+    with pytest.raises(ChatError):
         await first.close_room("doomed", CloseReason.KILLED)
     assert await first.find_room("doomed") is None and await second.list_rooms() == []
     assert first.seated == 0
