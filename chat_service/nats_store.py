@@ -1034,6 +1034,15 @@ async def connect(
     handlers["store"] = store
     try:
         await store.start()
+    except nats.js.errors.ServiceUnavailableError as error:
+        await connection.close()
+        raise ChatError(
+            ErrorKind.STORE_UNAVAILABLE,
+            f"NATS at {', '.join(urls)} has no JetStream; start nats-server with --jetstream",
+        ) from error
+    except (TimeoutError, nats.errors.Error) as error:
+        await connection.close()
+        raise ChatError(ErrorKind.STORE_UNAVAILABLE, f"{UNREACHABLE} ({error})") from error
     except BaseException:
         await connection.close()
         raise

@@ -35,6 +35,7 @@ class NatsNode:
     monitor_port: int = field(default_factory=unused_port)
     cluster_port: int = 0
     routes: list[int] = field(default_factory=list)
+    jetstream: bool = True
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,9 +49,9 @@ class NatsNode:
             "--port", str(self.port),
             "--http_port", str(self.monitor_port),
             "--server_name", self.name,
-            "--jetstream",
-            "--store_dir", str(self.store_dir),
         ]  # fmt: skip
+        if self.jetstream:
+            args += ["--jetstream", "--store_dir", str(self.store_dir)]
         if self.cluster_port:
             routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.routes)
             args += ["--cluster_name", "chat", "--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", routes]

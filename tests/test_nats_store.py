@@ -95,6 +95,19 @@ async def stores(nats: NatsNode) -> AsyncIterator[tuple[NatsStore, NatsStore]]:
         await second.close()
 
 
+async def test_processes_starting_together_share_one_stream_and_buckets(nats: NatsNode) -> None:
+    starting = [open_store(nats) for _ in range(3)]
+    # One with other limits: the stream made first stands, and this one binds to it.
+    starting.append(open_store(nats, history_limit=50))
+    stores = await asyncio.gather(*starting)
+    try:
+        room = await stores[0].create_room("shared")
+        assert [await store.find_room("shared") for store in stores] == [room] * 4
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_a_create_race_has_one_winner_and_both_list_the_room(stores: tuple[NatsStore, NatsStore]) -> None:
     first, second = stores
     results = await asyncio.gather(first.create_room("lobby"), second.create_room("Lobby"), return_exceptions=True)
@@ -360,6 +373,19 @@ async def test_a_cluster_replicates_each_room_on_three_nodes(tmp_path: Path) -> 
         finally:
             await first.close()
             await second.close()
+
+
+async def test_a_nats_without_jetstream_is_one_clear_error(tmp_path: Path) -> None:
+    node = NatsNode(tmp_path, jetstream=False)
+    node.start()
+    try:
+        await node.ready()
+        with pytest.raises(ChatError) as refused:
+            await connect([node.url], replicas=1, request_timeout=2)
+        assert refused.value.kind is ErrorKind.STORE_UNAVAILABLE
+        assert "--jetstream" in refused.value.message
+    finally:
+        await node.stop()
 
 
 async def test_a_missing_nats_is_one_clear_error() -> None:
