@@ -67,6 +67,12 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 MIN_DUPLICATE_WINDOW_SECONDS = 120.0
 # Compare-and-set rounds for one append or claim before giving up: each lost round means another writer got in first.
 CAS_ATTEMPTS = 64
+# How long a request is made again while a NATS cluster moves (another server taking over the connection, a stream
+# electing a new leader: a few seconds), and the pause between attempts.
+FAILOVER_SECONDS = 10.0
+# How long an operation asked for while the connection is down waits for it to come back before it is refused.
+RECONNECT_WAIT_SECONDS = 2.0
+FAILOVER_PAUSE_SECONDS = 0.25
 # NATS's heartbeat on a followed room's consumer: two missed, the client makes the consumer anew from the last entry
 # it delivered (after NATS restarted, say). Shorter resumes sooner, but costs every followed room a message per beat.
 FOLLOW_HEARTBEAT_SECONDS = 2.0
@@ -76,6 +82,14 @@ TAIL_FETCHES = 32
 # another configuration.
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _STREAM_NAME_IN_USE = 10058
+# Failures that pass once the cluster has moved.
+_PASSING = (
+    TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
 UNREACHABLE = "the message store is unreachable; try again shortly"
 
 
@@ -84,14 +98,18 @@ def _unreachable() -> ChatError:
 
 
 def _guarded(operation: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Refuse an operation at once while NATS is away, and turn NATS's own failures into STORE_UNAVAILABLE."""
+    """Refuse an operation while NATS is away, and turn NATS's own failures into STORE_UNAVAILABLE."""
 
     @functools.wraps(operation)
     async def run(*args: P.args, **kwargs: P.kwargs) -> R:
         store = args[0]
         assert isinstance(store, NatsStore)
         if not store.available:
-            raise _unreachable()
+            # Moving to another server of a cluster takes a moment; NATS away for longer is refused.
+            try:
+                await asyncio.wait_for(store._connected.wait(), 0 if store._closed else RECONNECT_WAIT_SECONDS)
+            except TimeoutError:
+                raise _unreachable() from None
         try:
             return await operation(*args, **kwargs)
         except (TimeoutError, nats.errors.Error) as error:
@@ -238,6 +256,8 @@ class NatsStore:
         self._live: dict[str, int] = {}
         self._room_count = 0
         self._beat = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._connected.set()
         self._heart: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -682,7 +702,9 @@ class NatsStore:
                 SEQ_HEADER: str(seq),
             }
             try:
-                ack = await self._js.publish(_log_subject(room.uid), payload, headers=headers)
+                ack = await self._patiently(
+                    functools.partial(self._js.publish, _log_subject(room.uid), payload, headers=headers)
+                )
             except nats.js.errors.APIError as error:
                 if error.err_code not in _WRONG_LAST_SEQUENCE:
                     raise
@@ -696,9 +718,26 @@ class NatsStore:
             return kept, False
         raise _unreachable()
 
+    async def _patiently(self, request: Callable[[], Awaitable[R]]) -> R:
+        """Make a JetStream request, again while the cluster moves (a server lost, a stream leader being elected) for
+        up to FAILOVER_SECONDS. A publish goes again under the same message id: JetStream drops it if the first got
+        in."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FAILOVER_SECONDS
+        while True:
+            try:
+                return await request()
+            except _PASSING as error:
+                left = deadline - loop.time()
+                if self._closed or left <= 0:
+                    raise
+                log.debug("JetStream did not answer, asking again: %s", error or type(error).__name__)
+                await asyncio.wait_for(self._connected.wait(), left)
+                await asyncio.sleep(FAILOVER_PAUSE_SECONDS)
+
     async def _tail(self, uid: str) -> _Tail:
         try:
-            msg = await self._js.get_last_msg(LOG_STREAM, _log_subject(uid))
+            msg = await self._patiently(functools.partial(self._js.get_last_msg, LOG_STREAM, _log_subject(uid)))
         except nats.js.errors.NotFoundError:
             return _Tail(0, 0)
         assert msg.seq is not None and msg.data is not None
@@ -906,11 +945,13 @@ class NatsStore:
         if self._closed:
             return
         log.warning("Lost the connection to the message store (NATS); reconnecting")
+        self._connected.clear()
         self._changed()
 
     async def reconnected(self) -> None:
         url = self._nc.connected_url
         log.warning("Reconnected to the message store (NATS) at %s", url.netloc if url is not None else "?")
+        self._connected.set()
         self._beat.set()
         self._changed()
 

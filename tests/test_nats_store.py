@@ -375,6 +375,36 @@ async def test_a_cluster_replicates_each_room_on_three_nodes(tmp_path: Path) -> 
             await second.close()
 
 
+async def test_losing_a_nats_node_mid_burst_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    async with nats_cluster(tmp_path / "cluster") as nodes:
+        urls = [node.url for node in nodes]
+        first = await connect(urls, replicas=None, liveness=LIVENESS)
+        second = await connect(urls, replicas=None, liveness=LIVENESS)
+        try:
+            room = await first.create_room("sturdy")
+            heard = Recorder()
+            await second.follow(room, heard)
+            burst = 100
+
+            async def say(store: NatsStore, who: str) -> None:
+                for n in range(burst):
+                    await store.append(room, line(who, f"{who} {n}"), dedup_key=f"{who}/{n}")
+
+            sending = asyncio.gather(say(first, "ann"), say(second, "bob"))
+            await heard.until(lambda: len(heard.entries) >= burst // 4)
+            connected = first._nc.connected_url
+            assert connected is not None
+            await next(node for node in nodes if node.port == connected.port).stop(kill=True)
+            await sending
+            await heard.until(lambda: len(heard.entries) >= 2 * burst)
+            assert heard.seqs() == list(range(1, 2 * burst + 1))
+            said = sorted(entry.text for entry in heard.entries if isinstance(entry, Message))
+            assert said == sorted(f"{who} {n}" for who in ("ann", "bob") for n in range(burst))
+        finally:
+            await first.close()
+            await second.close()
+
+
 async def test_a_nats_without_jetstream_is_one_clear_error(tmp_path: Path) -> None:
     node = NatsNode(tmp_path, jetstream=False)
     node.start()
