@@ -498,16 +498,20 @@ class NatsStore:
         raise _unreachable()
 
     async def _resume(self, room: RoomRecord, name: str, token: str) -> Seat | None:
-        """Take the seat held under `token` back, live from another claim or held; None if the name is free."""
+        """Take the seat held under `token` back, live from another claim, held, or left by a process that died;
+        None if the name is free."""
         names = self._kv(self._names_kv)
         key = name_key(name)
         for _ in range(CAS_ATTEMPTS):
             seat = await self._seat(room, key)
-            if seat is None or await self._state(seat) == "free":
+            if seat is None:
                 return None
+            state = await self._state(seat)
             if not _same(seat.token, token):
+                if state == "free":
+                    return None
                 raise ChatError(ErrorKind.NAME_TAKEN, await self._taken(room, seat, name))
-            took_over = await self._state(seat) == "live"
+            took_over = state == "live"
             claim = secrets.token_hex(8)
             mine = replace(seat, claim=claim, holder=self.process, until=0.0)
             try:

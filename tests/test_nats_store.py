@@ -304,17 +304,19 @@ async def test_prune_closes_the_rooms_where_no_name_is_held(stores: tuple[NatsSt
     assert [(room.member_count, room.last_seq) for room in await first.list_rooms()] == [(1, 0)]
 
 
-async def test_rooms_left_empty_for_the_ttl_are_closed(nats: NatsNode) -> None:
-    store = await connect([nats.url], replicas=1, liveness=LIVENESS, empty_room_ttl=0.4)
+async def test_rooms_left_empty_for_the_ttl_are_closed(stores: tuple[NatsStore, NatsStore], nats: NatsNode) -> None:
+    first, _ = stores
+    used = await first.create_room("used")
+    await first.claim(used, "ann", token)
+    empty = await first.create_room("empty")
+    heard = Recorder()
+    await first.follow(empty, heard)
+    sweeper = await connect([nats.url], replicas=1, liveness=LIVENESS, empty_room_ttl=0.4)
     try:
-        empty, used = await store.create_room("empty"), await store.create_room("used")
-        heard = Recorder()
-        await store.follow(empty, heard)
-        await store.claim(used, "ann", token)
         await heard.until(lambda: heard.entries == [RoomClosed("empty", CloseReason.KILLED)])
-        assert [room.name for room in await store.list_rooms()] == ["used"]
+        assert [room.name for room in await sweeper.list_rooms()] == ["used"]
     finally:
-        await store.close()
+        await sweeper.close()
 
 
 async def test_rooms_and_logs_outlive_a_restart_of_nats(nats: NatsNode) -> None:
@@ -360,8 +362,10 @@ async def test_operations_refuse_while_nats_is_away(nats: NatsNode) -> None:
 
 async def test_a_cluster_replicates_each_room_on_three_nodes(tmp_path: Path) -> None:
     async with nats_cluster(tmp_path / "cluster") as nodes:
-        first = await connect([nodes[0].url], replicas=None, liveness=LIVENESS)
-        second = await connect([nodes[2].url], replicas=None, liveness=LIVENESS)
+        # Every URL given: the servers a cluster announces can come a moment after its health check passes.
+        urls = [node.url for node in nodes]
+        first = await connect(urls, replicas=None, liveness=LIVENESS)
+        second = await connect(urls[::-1], replicas=None, liveness=LIVENESS)
         try:
             assert first.replicas == 3
             room = await first.create_room("everywhere")
@@ -381,6 +385,7 @@ async def test_losing_a_nats_node_mid_burst_loses_and_repeats_nothing(tmp_path: 
         first = await connect(urls, replicas=None, liveness=LIVENESS)
         second = await connect(urls, replicas=None, liveness=LIVENESS)
         try:
+            assert first.replicas == 3
             room = await first.create_room("sturdy")
             heard = Recorder()
             await second.follow(room, heard)
