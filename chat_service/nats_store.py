@@ -776,6 +776,7 @@ class NatsStore:
     @_guarded
     async def follow(self, room: RoomRecord, follower: Follower) -> int:
         await self.unfollow(room)
+        await self._check_open(room)
         tail = await self._tail(room.uid)
         if tail.closed:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")

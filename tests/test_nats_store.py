@@ -242,6 +242,9 @@ async def test_signals_reach_every_follower(stores: tuple[NatsStore, NatsStore])
     await first.signal(room, MemberJoined("ann"))
     for recorder in heard:
         await recorder.until(lambda recorder=recorder: recorder.signals == [MemberJoined("ann")])  # type: ignore[misc]
+    with pytest.raises(ChatError) as unknown:
+        await first.follow(RoomRecord("gone", "uid", b"secret"), Recorder())
+    assert unknown.value.kind is ErrorKind.ROOM_NOT_FOUND
 
 
 async def test_the_names_of_a_process_that_died_are_free_within_seconds(nats: NatsNode) -> None:
