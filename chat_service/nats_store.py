@@ -42,6 +42,7 @@ from chat_service.events import (
 )
 from chat_service.registry import DEFAULT_NAME
 from chat_service.store import Appended, Backlog, Entry, Follower, RoomRecord, Seat, Signal, Takeover, TokenIssuer
+from chat_service.throttled_log import ThrottledLog
 from chat_service.validation import name_key
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,9 @@ def _guarded(operation: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any,
         try:
             return await operation(*args, **kwargs)
         except (TimeoutError, nats.errors.Error) as error:
-            log.warning("The message store failed an operation: %s", error or type(error).__name__)
+            store.throttled_log.warning(
+                "failed", "The message store failed an operation: %s", error or type(error).__name__
+            )
             raise _unreachable() from error
 
     return run
@@ -245,6 +248,7 @@ class NatsStore:
         self.liveness = liveness
         self.timeout = timeout
         self.on_availability = on_availability
+        self.throttled_log = ThrottledLog(log)
         # Names this process holds record it as their holder by this id, and its heartbeat key is the same.
         self.process = secrets.token_hex(8)
         self._rooms_kv: KeyValue | None = None
@@ -961,7 +965,8 @@ class NatsStore:
         self._changed()
 
     async def errored(self, error: Exception) -> None:
-        log.warning("The message store (NATS) reported: %s", error or type(error).__name__)
+        # While NATS is away the client reports every attempt to reconnect: one line per interval says enough.
+        self.throttled_log.warning("error", "The message store (NATS) reported: %s", error or type(error).__name__)
 
     async def connection_closed(self) -> None:
         if not self._closed:
