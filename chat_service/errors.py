@@ -23,6 +23,7 @@ class ErrorKind(enum.Enum):
     RATE_LIMITED = enum.auto()
     MEMBER_LIMIT = enum.auto()
     JOIN_TIMEOUT = enum.auto()
+    STORE_UNAVAILABLE = enum.auto()
 
 
 class ChatError(Exception):

@@ -23,6 +23,7 @@ _TABLE: dict[ErrorKind, tuple[grpc.StatusCode, pb.ErrorCode.ValueType]] = {
     ErrorKind.RATE_LIMITED: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_RATE_LIMITED),
     ErrorKind.MEMBER_LIMIT: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_MEMBER_LIMIT),
     ErrorKind.JOIN_TIMEOUT: (grpc.StatusCode.DEADLINE_EXCEEDED, pb.ERROR_CODE_UNSPECIFIED),
+    ErrorKind.STORE_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, pb.ERROR_CODE_UNAVAILABLE),
 }
 
 

@@ -24,6 +24,7 @@ from chat_service.rooms import RoomRegistry
 from chat_service.server import ChatServer, Config
 from chat_service.store import Store
 from tests.lagging_store import LaggingStore
+from tests.nats import NatsNode, nats_node
 
 T = TypeVar("T")
 
@@ -229,3 +230,10 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+async def nats(tmp_path: Path) -> AsyncIterator[NatsNode]:
+    """A real nats-server with JetStream on a free loopback port, storing files under tmp_path, stopped afterwards."""
+    async with nats_node(tmp_path / "jetstream") as node:
+        yield node
