@@ -17,6 +17,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 
 from chat_service import logs
 from chat_service.admin_token import TokenFileError
+from chat_service.errors import ChatError
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
 from chat_service.limits import (
     DEFAULT_JOIN_BURST,
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         except TokenFileError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
+        except ChatError as error:
+            print(f"error: cannot start the server: {error.message}", file=sys.stderr)
+            sys.exit(1)
         except (OSError, RuntimeError, WorkerStartError) as error:
             print(f"error: cannot start the server on {args.host}:{args.port}: {error}", file=sys.stderr)
             sys.exit(1)
@@ -249,6 +253,9 @@ def _serve_worker(config: Config, token: str, ready: Callable[[int], None]) -> i
     """Run one of --workers' processes; its exit status."""
     try:
         _run_loop(run(config, console=False, token=token, ready=ready))
+    except ChatError as error:
+        print(f"error: a worker cannot start: {error.message}", file=sys.stderr)
+        return 1
     except (OSError, RuntimeError) as error:
         print(f"error: a worker cannot serve on {config.host}:{config.port}: {error}", file=sys.stderr)
         return 1

@@ -110,6 +110,10 @@ class MemoryStore:
         self._sweep: asyncio.TimerHandle | None = None
 
     @property
+    def available(self) -> bool:
+        return True
+
+    @property
     def room_count(self) -> int:
         """Rooms open now; one len(), so another thread may read it."""
         return len(self._rooms)

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chat_service import admin_token
+from chat_service import admin_token, nats_store
 from chat_service.console import run_console
 from chat_service.encoding import encode
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
@@ -27,6 +27,7 @@ from chat_service.registry import Registry
 from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, RoomRegistry
 from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS, SERVICE_NAME, ChatServicer, handler
 from chat_service.stats import Stats
+from chat_service.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +123,11 @@ class Token:
 class ChatServer:
     """A running chat server: the gRPC server, its registry, and how to stop both."""
 
-    def __init__(self, config: Config, token: str | None = None) -> None:
+    def __init__(self, config: Config, token: str | None = None, store: Store | None = None) -> None:
         self.config = config
         stats = Stats()
-        store = MemoryStore(
-            history_limit=config.history,
-            history_bytes=config.history_bytes,
-            max_rooms=config.max_rooms,
-            max_members=config.max_members,
-            empty_room_ttl=config.empty_room_ttl,
-        )
+        if store is None:
+            store = memory_store(config)
         self.store = store
         self.registry: Registry[bytes] = RoomRegistry(
             store,
@@ -167,6 +163,8 @@ class ChatServer:
             self._server,
         )
         self.port = 0
+        self._stopping = False
+        self._health_change: asyncio.Task[None] | None = None
 
     @property
     def admin_token(self) -> str:
@@ -199,11 +197,21 @@ class ChatServer:
             self._token.path = admin_token.default_token_path(self.port)
             admin_token.write_token(self._token.path, self._token.value)
         await self._server.start()
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(self.store.available)
+
+    def store_available(self, available: bool) -> None:
+        """The store came back or went away: health says whether new members can be served."""
+        if not self._stopping:
+            self._health_change = asyncio.get_running_loop().create_task(self._set_health(available))
+
+    async def _set_health(self, available: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if available else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(SERVICE_NAME, status)
+        await self.health.set("", status)
 
     async def stop(self) -> None:
         """Tell every member the server is going, refuse new calls, and end within the grace period."""
+        self._stopping = True
         await self.health.enter_graceful_shutdown()
         await self.registry.shutdown()
         await self._server.stop(self.config.grace_seconds)
@@ -222,6 +230,34 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
     ) -> health_pb2.HealthListResponse:
         statuses = {name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()}
         return health_pb2.HealthListResponse(statuses=statuses)
+
+
+def memory_store(config: Config) -> MemoryStore:
+    """The in-memory store the flags describe."""
+    return MemoryStore(
+        history_limit=config.history,
+        history_bytes=config.history_bytes,
+        max_rooms=config.max_rooms,
+        max_members=config.max_members,
+        empty_room_ttl=config.empty_room_ttl,
+    )
+
+
+async def open_store(config: Config, on_availability: Callable[[bool], None]) -> Store:
+    """The store --store names, connected; `on_availability` hears a shared store come and go."""
+    if config.store == MEMORY:
+        return memory_store(config)
+    return await nats_store.connect(
+        [url.strip() for url in config.store.split(",")],
+        replicas=config.replicas,
+        history_limit=config.history,
+        history_bytes=config.history_bytes,
+        resume_grace=config.resume_grace_seconds,
+        max_rooms=config.max_rooms,
+        max_members=config.max_members,
+        empty_room_ttl=config.empty_room_ttl,
+        on_availability=on_availability,
+    )
 
 
 def host_port(host: str, port: int) -> str:
@@ -253,7 +289,13 @@ async def run(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = ChatServer(config, token)
+    server: ChatServer | None = None
+
+    def availability(available: bool) -> None:
+        if server is not None:
+            server.store_available(available)
+
+    server = ChatServer(config, token, await open_store(config, availability))
     await server.start()
     if ready is not None:
         ready(server.metrics_port)

@@ -89,6 +89,10 @@ class Store(Protocol):
     """Rooms, names and logs, shared by every server process that uses the same store; raises ChatError."""
 
     @property
+    def available(self) -> bool:
+        """Whether the store answers now; while it does not, operations raise STORE_UNAVAILABLE."""
+
+    @property
     def room_count(self) -> int:
         """Rooms this process knows to be open; for metrics, so cheap and never awaiting."""
 

@@ -13,6 +13,7 @@ import pytest
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
 from chat_service.history import MESSAGE_OVERHEAD
+from chat_service.memory_store import MemoryStore
 from chat_service.server import ChatServer, Config
 from tests.conftest import running
 from tests.streams import TIMEOUT, Stream
@@ -57,6 +58,7 @@ async def test_a_flood_of_history_stays_within_the_servers_byte_budget() -> None
         await again.call.write(pb.ChatRequest(join=pb.ChatRequest.JoinRoom(room="c", name="flooder", resume=resume)))
         resumed = (await again.next()).joined
         assert (resumed.replayed, resumed.lost) == (kept["c"], 20 - kept["c"])
+        assert isinstance(chat.store, MemoryStore)
         assert chat.store.history_budget.held <= budget
 
 
