@@ -51,7 +51,7 @@ class Outcome:
             "server_workers": self.options.server_workers,
             "ok": not self.errors,
             "errors": self.errors,
-            "bottleneck": bottleneck(run, self.shape.kind, self.options) if run else None,
+            "bottleneck": bottleneck(run, self.shape.kind) if run else None,
             "median": dataclasses.asdict(run) if run else None,
             "runs": [dataclasses.asdict(run) for run in self.runs],
         }
@@ -215,9 +215,9 @@ def ratio(run: RunResult) -> float | None:
     return None
 
 
-def bottleneck(run: RunResult, kind: Kind, options: Options) -> str:
+def bottleneck(run: RunResult, kind: Kind) -> str:
     """Which side limited the measured phase, judged by whose event loop never waited for work, or else whether
-    the server's processes, nats-server and the load generator together left no CPU idle."""
+    the server's processes (nats-server's too), the load generator and the rest left no CPU idle."""
     server, generator = run.server_loop_busy >= BUSY, run.loadgen_loop_busy >= BUSY
     if kind is Kind.IDLE:
         return "-"
@@ -250,18 +250,18 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 def table(outcomes: Sequence[Outcome]) -> list[str]:
     """The results table, one row per shape and server, then the bottleneck of each busy one."""
-    several = any(outcome.options.store != MEMORY for outcome in outcomes)
-    head: tuple[str, ...] = ("shape", "server") if several else ("shape",)
+    with_nats = any(outcome.options.store != MEMORY for outcome in outcomes)
+    head: tuple[str, ...] = ("shape", "server") if with_nats else ("shape",)
     rows: list[tuple[str, ...]] = [
-        (*head, "deliveries", "deliv/s", "msg/s", "srv µs/deliv", *(("nats µs",) if several else ()), "floor µs",
+        (*head, "deliveries", "deliv/s", "msg/s", "srv µs/deliv", *(("nats µs",) if with_nats else ()), "floor µs",
          "x floor", "ev/batch", "p50 ms", "p99 ms", "RSS/member KiB", "floor KiB", "delivery", "bottleneck"),
     ]  # fmt: skip
     notes = []
     for outcome in outcomes:
         run, kind, options = outcome.median, outcome.shape.kind, outcome.options
         busy = kind is not Kind.IDLE
-        name = (outcome.shape.name, options.server) if several else (outcome.shape.name,)
-        store = (_num(run.store_us_per_delivery if run else None),) if several else ()
+        name = (outcome.shape.name, options.server) if with_nats else (outcome.shape.name,)
+        store = (_num(run.store_us_per_delivery if run else None),) if with_nats else ()
         if run is None:
             rows.append((*name, *["-"] * (len(rows[0]) - len(name) - 2), "FAILED", "-"))
             continue
@@ -271,13 +271,13 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
              _num(run.floor_us_per_delivery), _num(ratio(run)), _num(run.events_per_batch, 1),
              _num(run.latency_p50_ms, 1), _num(run.latency_p99_ms, 1), _num(run.rss_per_member_kib, 1),
              _num(run.floor_rss_per_member_kib, 1), "FAILED" if outcome.errors else "ok",
-             bottleneck(run, kind, options)),
+             bottleneck(run, kind)),
         )  # fmt: skip
         if busy:
             label = " ".join(name)
-            notes.append(f"  {label}: {bottleneck(run, kind, options)} -- {evidence(run, options)}")
+            notes.append(f"  {label}: {bottleneck(run, kind)} -- {evidence(run, options)}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    left = {0, 1, len(widths) - 2, len(widths) - 1} if several else {0, len(widths) - 2, len(widths) - 1}
+    left = {0, 1, len(widths) - 2, len(widths) - 1} if with_nats else {0, len(widths) - 2, len(widths) - 1}
     lines = [
         "  ".join(cell.ljust(width) if i in left else cell.rjust(width) for i, (cell, width) in
                   enumerate(zip(row, widths, strict=True))).rstrip()
@@ -293,9 +293,9 @@ def comparison(outcomes: Sequence[Outcome]) -> list[str]:
     lines = []
     for shape in dict.fromkeys(outcome.shape for outcome in outcomes):
         runs = {o.options.server: o.median for o in outcomes if o.shape == shape and o.median is not None}
-        memory, one = runs.get(MEMORY), runs.get(f"{NATS} x1")
         if shape.kind is Kind.IDLE:
             continue
+        memory, one = runs.get(MEMORY), runs.get(f"{NATS} x1")
         said = []
         for server, run in runs.items():
             if server != MEMORY and memory is not None and run.server_us_per_delivery and memory.server_us_per_delivery:
