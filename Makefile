@@ -69,9 +69,10 @@ fuzz: proto
 	FUZZ_CASES=$(or $(FUZZ_CASES),40000) FUZZ_SEED=$(or $(FUZZ_SEED),$(shell date +%s)) \
 		$(BIN)/python -m pytest -o timeout=1800 tests/test_fuzz.py
 
-## bench: the fan-out benchmark, a connection per member, each shape beside its bare floor (QUICK=1 small shapes, RUNS=3 medians, MULTIPLEXED=1 64 members per connection)
+## bench: the fan-out benchmark, a connection per member, each shape beside its bare floor (QUICK=1 small shapes, RUNS=3 medians, MULTIPLEXED=1 64 members per connection, STORE=nats or "memory nats", WORKERS=2 or "1 2")
 bench: proto
-	$(BIN)/python -m bench $(if $(QUICK),--quick,) $(if $(RUNS),--runs $(RUNS),) $(if $(MULTIPLEXED),--multiplexed,)
+	$(BIN)/python -m bench $(if $(QUICK),--quick,) $(if $(RUNS),--runs $(RUNS),) $(if $(MULTIPLEXED),--multiplexed,) \
+		$(foreach store,$(STORE),--store $(store)) $(foreach workers,$(WORKERS),--workers $(workers))
 
 ## bench-bare: what a bare grpc.aio server spends per streamed write, by events per write, writes in flight and streams per connection
 bench-bare: proto

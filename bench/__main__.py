@@ -20,7 +20,7 @@ from types import FrameType
 from bench import shapes
 from bench.processes import BenchError, raise_open_files
 from bench.runner import MULTIPLEXED, Options, RunResult, median, run_once
-from bench.server import ServerError
+from bench.server import MEMORY, NATS, STORES, ServerError
 from bench.shapes import Kind, Shape
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -33,6 +33,7 @@ class Outcome:
     """A shape's runs, and what went wrong in any of them."""
 
     shape: Shape
+    options: Options
     runs: list[RunResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -46,6 +47,8 @@ class Outcome:
         return {
             "description": self.shape.describe(),
             "kind": self.shape.kind.value,
+            "store": self.options.store,
+            "server_workers": self.options.server_workers,
             "ok": not self.errors,
             "errors": self.errors,
             "bottleneck": bottleneck(run, self.shape.kind) if run else None,
@@ -69,11 +72,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-floor", action="store_true", help="skip each run's bare grpc.aio floor (about half)")
     parser.add_argument("--max-queue", type=int, help="pass --max-queue to chat-server (default: the server's own)")
+    parser.add_argument(
+        "--store",
+        action="append",
+        choices=STORES,
+        help="the server's store; nats starts a nats-server with JetStream for each run. Twice runs both, each shape "
+        "on one then the other (default: memory)",
+    )
+    parser.add_argument(
+        "--workers",
+        action="append",
+        type=int,
+        metavar="N",
+        help="chat-server --workers with the nats store; twice or more runs each (default: 1)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the results (default: {RESULTS})")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    args.store = list(dict.fromkeys(args.store or [MEMORY]))
+    args.workers = list(dict.fromkeys(args.workers or [1]))
+    if any(workers < 1 for workers in args.workers):
+        parser.error("--workers must be at least 1")
+    if args.workers != [1] and NATS not in args.store:
+        parser.error("--workers needs --store nats: in memory, chat-server runs one process")
     return args
+
+
+def setups(args: argparse.Namespace) -> list[Options]:
+    """The servers to measure, in order: memory, then nats with each number of workers."""
+    base = Options(MULTIPLEXED if args.multiplexed else 1, not args.no_floor, args.max_queue)
+    found = [base] if MEMORY in args.store else []
+    if NATS in args.store:
+        found += [dataclasses.replace(base, store=NATS, server_workers=workers) for workers in args.workers]
+    return found
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -92,28 +124,37 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    options = Options(MULTIPLEXED if args.multiplexed else 1, not args.no_floor, args.max_queue)
+    servers = setups(args)
     layout = f"{MULTIPLEXED} members per TCP connection" if args.multiplexed else "one TCP connection per member"
     cpus = os.cpu_count() or 1
     print(
-        f"chat-server fan-out benchmark: {len(selected)} shape(s), median of {args.runs} run(s), {layout}, "
-        f"{cpus} CPUs, load average {os.getloadavg()[0]:.2f}",
+        f"chat-server fan-out benchmark: {len(selected)} shape(s) on {', '.join(o.server for o in servers)}, "
+        f"median of {args.runs} run(s), {layout}, {cpus} CPUs, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     started = time.monotonic()
-    outcomes = [_run(number, shape, options, args.runs, len(selected)) for number, shape in enumerate(selected, 1)]
+    outcomes = []
+    for number, shape in enumerate(selected, 1):
+        ours = [Outcome(shape, options) for options in servers]
+        # Run by run, each server in turn, so that a busy spell of the machine falls on all of them alike.
+        for run in range(1, args.runs + 1):
+            for outcome in ours:
+                _run(outcome, f"[{number}/{len(selected)}]", run, args.runs, len(servers) > 1)
+        outcomes += ours
     elapsed = time.monotonic() - started
     bad = [f"  {outcome.shape.name}: {error}" for outcome in outcomes for error in outcome.errors]
     if bad:
         print("\nDELIVERY OR SERVER FAILURES: messages were lost, duplicated or reordered, or a process failed")
         print("\n".join(bad))
     print("\n" + "\n".join(table(outcomes)))
+    if compared := comparison(outcomes):
+        print("\n" + "\n".join(compared))
     verdict = "FAILED (see above)" if bad else "all deliveries exactly once and in order"
     print(f"\n{verdict}; {elapsed:.0f} s in all")
     meta = {
         "quick": args.quick,
         "runs": args.runs,
-        "streams_per_channel": options.streams_per_channel,
+        "streams_per_channel": servers[0].streams_per_channel,
         "max_queue": args.max_queue,
         "cpus": cpus,
         "server_commit": _commit(),
@@ -121,32 +162,37 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
         "seconds": round(elapsed, 1),
     }
-    shapes_json = {outcome.shape.name: outcome.as_json() for outcome in outcomes}
+    shapes_json = {_key(outcome): outcome.as_json() for outcome in outcomes}
     args.output.write_text(json.dumps({"meta": meta, "ok": not bad, "shapes": shapes_json}, indent=2) + "\n")
     print(f"results written to {args.output}")
     return 1 if bad else 0
 
 
-def _run(number: int, shape: Shape, options: Options, runs: int, of: int) -> Outcome:
-    outcome = Outcome(shape)
-    for run in range(1, runs + 1):
-        print(f"[{number}/{of}] {shape.name} run {run}/{runs}: {shape.describe()} ...", end="", flush=True)
-        began = time.monotonic()
-        try:
-            result = run_once(shape, options)
-        except (ServerError, BenchError) as error:
-            outcome.errors.append(f"run {run}: {type(error).__name__}: {error}")
-            print(f" FAILED after {time.monotonic() - began:.1f} s: {error}", flush=True)
-            continue
-        outcome.runs.append(result)
-        print(f" {time.monotonic() - began:.1f} s, {result.check.summary()}", flush=True)
-        if not result.check.ok:
-            outcome.errors.append(f"run {run}: {result.check.summary()}")
-            outcome.errors.extend(f"  e.g. {example}" for example in result.check.examples[:5])
-        if result.server_exit_code != 0:
-            code = result.server_exit_code
-            outcome.errors.append(f"run {run}: the server did not stop cleanly on SIGTERM (exit code {code})")
-    return outcome
+def _key(outcome: Outcome) -> str:
+    """The shape's name in results.json, followed by the server's set-up unless it ran in memory."""
+    name, server = outcome.shape.name, outcome.options.server
+    return name if outcome.options.store == MEMORY else f"{name} {server}"
+
+
+def _run(outcome: Outcome, number: str, run: int, runs: int, named: bool) -> None:
+    shape = outcome.shape
+    on = f" on {outcome.options.server}" if named else ""
+    print(f"{number} {shape.name}{on} run {run}/{runs}: {shape.describe()} ...", end="", flush=True)
+    began = time.monotonic()
+    try:
+        result = run_once(shape, outcome.options)
+    except (ServerError, BenchError) as error:
+        outcome.errors.append(f"run {run}: {type(error).__name__}: {error}")
+        print(f" FAILED after {time.monotonic() - began:.1f} s: {error}", flush=True)
+        return
+    outcome.runs.append(result)
+    print(f" {time.monotonic() - began:.1f} s, {result.check.summary()}", flush=True)
+    if not result.check.ok:
+        outcome.errors.append(f"run {run}: {result.check.summary()}")
+        outcome.errors.extend(f"  e.g. {example}" for example in result.check.examples[:5])
+    if result.server_exit_code != 0:
+        code = result.server_exit_code
+        outcome.errors.append(f"run {run}: the server did not stop cleanly on SIGTERM (exit code {code})")
 
 
 def _commit() -> str | None:
@@ -170,21 +216,28 @@ def ratio(run: RunResult) -> float | None:
 
 
 def bottleneck(run: RunResult, kind: Kind) -> str:
-    """Which side limited the measured phase, judged by whose event loop never waited for work."""
+    """Which side limited the measured phase, judged by whose event loop never waited for work, or else whether
+    the server's processes (nats-server's too), the load generator and the rest left no CPU idle."""
     server, generator = run.server_loop_busy >= BUSY, run.loadgen_loop_busy >= BUSY
     if kind is Kind.IDLE:
         return "-"
     if server or generator:
         return "both" if server and generator else "server" if server else "load generator"
+    used = run.server_cpu_share + run.loadgen_cpu_share + run.other_cpu_share
+    if used >= BUSY * (os.cpu_count() or 1):
+        return "CPUs (all in use)"
     return "neither (paced)" if kind is Kind.STEADY else "neither (window)"
 
 
-def evidence(run: RunResult) -> str:
+def evidence(run: RunResult, options: Options) -> str:
     """The figures behind the bottleneck verdict, and a warning when other processes competed for the CPUs."""
+    workers = f" ({options.server_workers} workers)" if options.server_workers > 1 else ""
+    store = f", of which nats-server {run.store_cpu_share:.2f}" if options.store != MEMORY else ""
     text = (
         f"server loop busy {run.server_loop_busy:.0%} (waiting for a CPU {run.server_loop_starved:.0%}), "
-        f"busiest load-generator loop {run.loadgen_loop_busy:.0%}; CPUs used: server {run.server_cpu_share:.2f}, "
-        f"load generator {run.loadgen_cpu_share:.2f} ({run.workers} workers), others {run.other_cpu_share:.2f}"
+        f"busiest load-generator loop {run.loadgen_loop_busy:.0%}; CPUs used: server {run.server_cpu_share:.2f}"
+        f"{workers}{store}, load generator {run.loadgen_cpu_share:.2f} ({run.workers} workers), "
+        f"others {run.other_cpu_share:.2f}"
     )
     if run.other_cpu_share > NOISE:
         text += " -- NOISY: other processes competed for the CPUs"
@@ -196,36 +249,66 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 
 def table(outcomes: Sequence[Outcome]) -> list[str]:
-    """The results table, one row per shape, then the bottleneck of each busy one."""
+    """The results table, one row per shape and server, then the bottleneck of each busy one."""
+    with_nats = any(outcome.options.store != MEMORY for outcome in outcomes)
+    head: tuple[str, ...] = ("shape", "server") if with_nats else ("shape",)
     rows: list[tuple[str, ...]] = [
-        ("shape", "deliveries", "deliv/s", "srv µs/deliv", "floor µs", "x floor", "ev/batch", "p50 ms", "p99 ms",
-         "RSS/member KiB", "floor KiB", "delivery", "bottleneck"),
+        (*head, "deliveries", "deliv/s", "msg/s", "srv µs/deliv", *(("nats µs",) if with_nats else ()), "floor µs",
+         "x floor", "ev/batch", "p50 ms", "p99 ms", "RSS/member KiB", "floor KiB", "delivery", "bottleneck"),
     ]  # fmt: skip
     notes = []
     for outcome in outcomes:
-        run, kind = outcome.median, outcome.shape.kind
+        run, kind, options = outcome.median, outcome.shape.kind, outcome.options
         busy = kind is not Kind.IDLE
+        name = (outcome.shape.name, options.server) if with_nats else (outcome.shape.name,)
+        store = (_num(run.store_us_per_delivery if run else None),) if with_nats else ()
         if run is None:
-            rows.append((outcome.shape.name, *["-"] * 10, "FAILED", "-"))
+            rows.append((*name, *["-"] * (len(rows[0]) - len(name) - 2), "FAILED", "-"))
             continue
         rows.append(
-            (outcome.shape.name, f"{run.deliveries:,}" if busy else "-", _num(run.deliveries_per_second or None, 0),
-             _num(run.server_us_per_delivery), _num(run.floor_us_per_delivery), _num(ratio(run)),
-             _num(run.events_per_batch, 1), _num(run.latency_p50_ms, 1), _num(run.latency_p99_ms, 1),
-             _num(run.rss_per_member_kib, 1), _num(run.floor_rss_per_member_kib, 1),
-             "FAILED" if outcome.errors else "ok", bottleneck(run, kind)),
+            (*name, f"{run.deliveries:,}" if busy else "-", _num(run.deliveries_per_second or None, 0),
+             _num(run.messages_per_second or None, 0), _num(run.server_us_per_delivery), *store,
+             _num(run.floor_us_per_delivery), _num(ratio(run)), _num(run.events_per_batch, 1),
+             _num(run.latency_p50_ms, 1), _num(run.latency_p99_ms, 1), _num(run.rss_per_member_kib, 1),
+             _num(run.floor_rss_per_member_kib, 1), "FAILED" if outcome.errors else "ok",
+             bottleneck(run, kind)),
         )  # fmt: skip
         if busy:
-            notes.append(f"  {outcome.shape.name}: {bottleneck(run, kind)} -- {evidence(run)}")
+            label = " ".join(name)
+            notes.append(f"  {label}: {bottleneck(run, kind)} -- {evidence(run, options)}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    left = {0, 1, len(widths) - 2, len(widths) - 1} if with_nats else {0, len(widths) - 2, len(widths) - 1}
     lines = [
-        "  ".join(cell.ljust(width) if i in (0, 11, 12) else cell.rjust(width) for i, (cell, width) in
+        "  ".join(cell.ljust(width) if i in left else cell.rjust(width) for i, (cell, width) in
                   enumerate(zip(row, widths, strict=True))).rstrip()
         for row in rows
     ]  # fmt: skip
     if notes:
-        lines += ["", "Bottleneck (the side whose event loop never waited for work):", *notes]
+        lines += ["", "Bottleneck (the side whose event loop never waited for work, or the CPUs):", *notes]
     return lines
+
+
+def comparison(outcomes: Sequence[Outcome]) -> list[str]:
+    """Each shape on NATS against the in-memory store, and with more workers against one, when both ran."""
+    lines = []
+    for shape in dict.fromkeys(outcome.shape for outcome in outcomes):
+        runs = {o.options.server: o.median for o in outcomes if o.shape == shape and o.median is not None}
+        if shape.kind is Kind.IDLE:
+            continue
+        memory, one = runs.get(MEMORY), runs.get(f"{NATS} x1")
+        said = []
+        for server, run in runs.items():
+            if server != MEMORY and memory is not None and run.server_us_per_delivery and memory.server_us_per_delivery:
+                said.append(
+                    f"{server} {run.server_us_per_delivery / memory.server_us_per_delivery:.2f}x memory's CPU per "
+                    f"delivery, {run.deliveries_per_second / memory.deliveries_per_second:.2f}x its deliveries/s"
+                )
+            if server not in (MEMORY, f"{NATS} x1") and one is not None:
+                said.append(f"{server} {run.deliveries_per_second / one.deliveries_per_second:.2f}x nats x1's "
+                            "deliveries/s")  # fmt: skip
+        if said:
+            lines.append(f"  {shape.name}: " + "; ".join(said))
+    return ["Against the in-memory store, and against one worker:", *lines] if lines else []
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 from bench import bare, processes, procstat, worker
 from bench.processes import Child
 from bench.protocol import Check, Done, End, Final, Go, Join, Ready, WorkerPlan
-from bench.server import ServerProcess
+from bench.server import MEMORY, ServerProcess
 from bench.shapes import Kind, Shape, assign
 from chat_service.rooms import DEFAULT_WRITE_SLOTS
 
@@ -24,6 +24,8 @@ MARGIN_SECONDS = 30.0
 MULTIPLEXED = 64
 # Connections one load-generator process holds at most, so that none of them is the bottleneck of the larger shapes.
 CONNECTIONS_PER_WORKER = 1000
+# A join wave's quiet spell when members cannot count every join (WorkerPlan.settle_seconds).
+SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,13 @@ class Options:
     streams_per_channel: int = 1
     floor: bool = True  # measure each run's floor: the same writes from a bare grpc.aio server
     max_queue: int | None = None
+    store: str = MEMORY  # or NATS: chat-server --store nats://… on a nats-server of the run's own
+    server_workers: int = 1  # chat-server --workers, with the NATS store
+
+    @property
+    def server(self) -> str:
+        """The server's set-up in a word or two: memory, nats x1, nats x2."""
+        return self.store if self.store == MEMORY else f"{self.store} x{self.server_workers}"
 
     @property
     def wave_size(self) -> int:
@@ -48,9 +57,12 @@ class RunResult:
     workers: int
     deliveries: int
     deliveries_per_second: float  # from Go to the last delivery
-    server_us_per_delivery: float | None
+    messages_per_second: float  # lines said and delivered, over the same time
+    server_us_per_delivery: float | None  # every process of the server, nats-server included
+    store_us_per_delivery: float | None  # nats-server's part of it
     server_cpu_share: float
-    server_loop_busy: float  # fraction of the time the server's event loop ran or waited for a CPU
+    store_cpu_share: float
+    server_loop_busy: float  # fraction of the time the busiest chat-server event loop ran or waited for a CPU
     server_loop_starved: float  # fraction of the time it was runnable but waited for a CPU
     loadgen_cpu_share: float  # all workers together
     loadgen_loop_busy: float  # the busiest worker's event loop, as for the server
@@ -85,7 +97,7 @@ def median(runs: Sequence[RunResult]) -> RunResult:
 def run_once(shape: Shape, options: Options) -> RunResult:
     """Run `shape` once against a fresh server, then its floor; raises ServerError or BenchError if it cannot finish."""
     result = _run_chat(shape, options)
-    if options.floor:
+    if options.floor and options.store == MEMORY:
         if shape.kind is Kind.IDLE:
             result.floor_rss_per_member_kib = bare.measure(floor_case(shape, result, options)).rss_per_stream_kib
         else:
@@ -118,7 +130,7 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
     # Generous but bounded time limits (join announcements grow as a room's members squared).
     join_timeout = 30 + shape.total_members * 0.01 + shape.members**2 * 2e-6
     run_timeout = 60 + shape.deliveries * 100e-6 + shape.seconds * 2
-    server = ServerProcess(options.max_queue)
+    server = ServerProcess(options.max_queue, options.store, options.server_workers)
     children: list[Child] = []
     finished = False
     try:
@@ -132,6 +144,7 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
                 options.streams_per_channel,
                 join_timeout,
                 run_timeout,
+                SETTLE_SECONDS if options.server_workers > 1 else 0.0,
             )
             children.append(processes.spawn(f"worker {index}", worker.main, plan))
         processes.collect(children, Ready, join_timeout + MARGIN_SECONDS, server.check_alive)
@@ -144,12 +157,13 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
             time.sleep(bare.SETTLE_SECONDS)
         rss_joined = sum(procstat.rss_kib(pid) for pid in server.pids)
 
-        on_server, on_loadgen = procstat.Meter(server.pids), procstat.Meter([c.process.pid or 0 for c in children])
+        on_server, on_store = procstat.Meter(server.chat_pids), procstat.Meter(server.store_pids)
+        on_loadgen = procstat.Meter([c.process.pid or 0 for c in children])
         go_ns = time.monotonic_ns()
         for child in children:
             child.conn.send(Go(go_ns))
         dones = processes.collect(children, Done, run_timeout + MARGIN_SECONDS, server.check_alive)
-        spent, loadgen = on_server.stop(), on_loadgen.stop()
+        spent, store, loadgen = on_server.stop(), on_store.stop(), on_loadgen.stop()
 
         # A graceful stop ends every stream with RoomClosed; the workers read to the end to catch any extra.
         server.terminate()
@@ -165,6 +179,7 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
     deliveries = sum(done.deliveries for done in dones)
     responses = sum(done.responses for done in dones)
     wall = max(1e-9, (max(done.finish_ns for done in dones) - go_ns) / 1e9)
+    server_cpu = spent.cpu + store.cpu
     check = Check()
     samples: array[int] = array("q")
     for final in finals:
@@ -176,13 +191,16 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
         workers=len(children),
         deliveries=deliveries,
         deliveries_per_second=deliveries / wall,
-        server_us_per_delivery=spent.cpu * 1e6 / deliveries if deliveries else None,
-        server_cpu_share=spent.share,
+        messages_per_second=shape.rooms * shape.room_messages / wall if deliveries else 0.0,
+        server_us_per_delivery=server_cpu * 1e6 / deliveries if deliveries else None,
+        store_us_per_delivery=store.cpu * 1e6 / deliveries if deliveries and server.store_pids else None,
+        server_cpu_share=server_cpu / spent.seconds,
+        store_cpu_share=store.share,
         server_loop_busy=spent.loop_busy,
         server_loop_starved=spent.loop_starved,
         loadgen_cpu_share=loadgen.share,
         loadgen_loop_busy=loadgen.loop_busy,
-        other_cpu_share=max(0.0, spent.machine - spent.share - loadgen.share),
+        other_cpu_share=max(0.0, spent.machine - server_cpu / spent.seconds - loadgen.share),
         events_per_batch=deliveries / responses if responses else None,
         latency_p50_ms=p50,
         latency_p99_ms=p99,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import __main__ as bench_main
 from bench import bare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,30 @@ def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: 
         median = shape["median"]
         floor = median["floor_rss_per_member_kib" if shape["kind"] == "idle" else "floor_us_per_delivery"]
         assert floor is not None and floor > 0, shape
+
+
+def test_quick_benchmark_on_nats_with_two_workers_delivers_every_message_exactly_once(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    # The smallest shape: a nats-server of the run's own, a supervisor and two workers sharing the port.
+    args = ["--quick", "--only", "members-1x50", "--store", "nats", "--workers", "2", "--no-floor"]
+    run = _module("bench", *args, "--output", str(results))
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(results.read_text())
+    shape = report["shapes"]["members-1x50 nats x2"]
+    assert shape["ok"] and not shape["errors"], shape
+    assert (shape["store"], shape["server_workers"]) == ("nats", 2)
+    median = shape["median"]
+    assert median["check"]["members"] == 50 and median["deliveries"] == 50 * 50
+    # nats-server's CPU is measured as part of the server's (a short run may round it to nothing).
+    assert median["store_us_per_delivery"] is not None
+    assert median["messages_per_second"] > 0
+    assert "members-1x50  nats x2" in run.stdout
+
+
+def test_bench_refuses_workers_without_the_nats_store() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main.parse_args(["--workers", "2"])
+    assert exit_info.value.code == 2
 
 
 def test_members_the_server_drops_as_too_slow_are_counted_from_their_streams_status(tmp_path: Path) -> None:
