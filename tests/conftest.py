@@ -40,6 +40,7 @@ STORE_OPTIONS = frozenset({"history_limit", "history_bytes", "max_rooms", "max_m
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "unlimited: the `server` fixture runs without rate limits (the test floods)")
+    config.addinivalue_line("markers", "cluster: starts a 3-node NATS cluster, slowest of all; -m 'not cluster' skips")
 
 
 def executable(name: str) -> str:
@@ -183,9 +184,14 @@ def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
 
 
 def start_server_process(
-    state_dir: Path, *args: str, extra_env: dict[str, str] | None = None, program: Path | None = None
+    state_dir: Path,
+    *args: str,
+    extra_env: dict[str, str] | None = None,
+    program: Path | None = None,
+    timeout: float = 10.0,
 ) -> ServerProcess:
-    """Start `chat-server --port 0` (or `program`) with its own XDG_STATE_HOME and wait until it listens."""
+    """Start `chat-server --port 0` (or `program`) with its own XDG_STATE_HOME and wait until it listens, at most
+    `timeout` seconds."""
     env = {k: v for k, v in os.environ.items() if k != "CHAT_ADMIN_TOKEN"}
     env["XDG_STATE_HOME"] = str(state_dir)
     env.update(extra_env or {})
@@ -200,8 +206,9 @@ def start_server_process(
     )
     proc = ServerProcess(process, env)
     threading.Thread(target=_pump, args=(process.stdout, proc.lines), daemon=True).start()
-    listening = proc.wait_for_line("chat server listening on")
-    proc.port = int(listening.rsplit(":", 1)[1])
+    listening = proc.wait_for_line("chat server listening on", timeout)
+    # `chat server listening on HOST:PORT`, followed by ` (N workers)` under --workers.
+    proc.port = int(listening.rsplit(":", 1)[1].split()[0])
     token_line = proc.wait_for_line("admin token:")
     proc.token_path = Path(token_line.split(":", 1)[1].strip())
     return proc
