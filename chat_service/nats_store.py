@@ -311,9 +311,10 @@ class NatsStore:
         )
         self._rooms_kv = await self._ensure_bucket(api.KeyValueConfig(ROOMS_BUCKET, storage=api.StorageType.FILE))
         self._names_kv = await self._ensure_bucket(api.KeyValueConfig(NAMES_BUCKET, storage=api.StorageType.FILE))
-        # Heartbeats need no disk: a restarted NATS loses them for one beat at most.
+        # On disk, as the names are: a bucket in memory is gone after NATS restarts, and until every process had
+        # made it again and beaten, each name held live would look free to a claim.
         self._processes_kv = await self._ensure_bucket(
-            api.KeyValueConfig(PROCESSES_BUCKET, storage=api.StorageType.MEMORY, ttl=self.liveness)
+            api.KeyValueConfig(PROCESSES_BUCKET, storage=api.StorageType.FILE, ttl=self.liveness)
         )
         await self._heartbeat()
         self._heart = asyncio.get_running_loop().create_task(self._beating())
