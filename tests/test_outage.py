@@ -29,6 +29,14 @@ async def statuses(channel: grpc.aio.Channel) -> AsyncIterator[int]:
         yield answer.status
 
 
+async def alice_and_bob(here: grpc.aio.Channel, there: grpc.aio.Channel) -> tuple[Stream, Stream, pb.Joined]:
+    """alice makes room r through `here` and bob joins it through `there`; alice has heard him come."""
+    alice, _ = await Stream.joined(chat_pb2_grpc.ChatServiceStub(here), "r", "alice", create=True)
+    bob, joined = await Stream.joined(chat_pb2_grpc.ChatServiceStub(there), "r", "bob")
+    await alice.next_of("member_joined")
+    return alice, bob, joined
+
+
 async def say(stream: Stream, text: str, client_id: str) -> None:
     await stream.call.write(pb.ChatRequest(say=pb.ChatRequest.SendMessage(text=text, client_id=client_id)))
 
@@ -44,9 +52,7 @@ async def test_nats_stopped_and_restarted_members_are_told_then_the_rooms_go_on(
         ):
             health = aiter(statuses(one))
             assert await anext(health) == SERVING
-            alice, _ = await Stream.joined(chat_pb2_grpc.ChatServiceStub(one), "r", "alice", create=True)
-            bob, _ = await Stream.joined(chat_pb2_grpc.ChatServiceStub(two), "r", "bob")
-            await alice.next_of("member_joined")
+            alice, bob, _ = await alice_and_bob(one, two)
 
             await nats.stop()
             assert await anext(health) == NOT_SERVING
@@ -98,9 +104,7 @@ async def test_a_server_stopping_over_nats_sends_its_members_to_resume_and_holds
             grpc.aio.insecure_channel(staying.address) as here,
             grpc.aio.insecure_channel(leaving.address) as there,
         ):
-            alice, _ = await Stream.joined(chat_pb2_grpc.ChatServiceStub(here), "r", "alice", create=True)
-            bob, joined = await Stream.joined(chat_pb2_grpc.ChatServiceStub(there), "r", "bob")
-            await alice.next_of("member_joined")
+            alice, bob, joined = await alice_and_bob(here, there)
             leaving.stop()
             # Not RoomClosed: the room lives on in NATS, and UNAVAILABLE is what the chat client resumes after.
             with pytest.raises(grpc.aio.AioRpcError) as ended:
