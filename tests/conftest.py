@@ -148,12 +148,13 @@ def _identity(event: Event) -> Event:
 
 @pytest.fixture
 async def registry(store_kind: str) -> AsyncIterator[Callable[..., Awaitable[RoomRegistry[Event]]]]:
-    """Makes registries whose events come out as plain values, each over a store of the kind (a new one in memory,
-    the test's empty one in NATS); shut down after."""
+    """Makes registries whose events come out as plain values (or as `encode` makes them), each over a store of the
+    kind: a new one in memory; in NATS the test's, so that two registries stand for two server processes. Shut down
+    after."""
     made: list[RoomRegistry[Event]] = []
 
-    async def make(**options: Any) -> RoomRegistry[Event]:
-        made.append(await build_registry(store_kind, _identity, **options))
+    async def make(encode: Callable[[Event], Event] = _identity, **options: Any) -> RoomRegistry[Event]:
+        made.append(await build_registry(store_kind, encode, **options))
         return made[-1]
 
     yield make

@@ -3,6 +3,8 @@ and every room goes on by itself once NATS is back, with no gap."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,8 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chat.v1 import chat_pb2 as pb
 from chat.v1 import chat_pb2_grpc
+from chat_cli.session import Session
 from tests.conftest import ServerProcess, start_server_process
 from tests.nats import NatsNode
+from tests.recorder import Recorder
 from tests.streams import Stream
 
 # NATS is away for a while in this test; each wait is bounded well above what a busy machine needs.
@@ -126,3 +130,33 @@ async def test_a_server_stopping_over_nats_sends_its_members_to_resume_and_holds
     finally:
         staying.stop()
         leaving.stop()
+
+
+async def test_the_chat_client_resumes_its_room_after_its_server_restarts_over_nats(
+    nats: NatsNode, tmp_path: Path
+) -> None:
+    seen = Recorder()
+    first = start_server_process(tmp_path / "state", "--store", nats.url)
+    restarted: ServerProcess | None = None
+    try:
+        async with Session(first.address, seen) as alice:
+            await alice.connect()
+            await alice.create("lobby", "alice")
+            first.process.send_signal(signal.SIGTERM)
+            await seen.until("reconnecting")
+            # No RoomClosed: the room lives on in NATS.
+            assert [kind for kind, _ in seen.seen] == ["joined", "reconnecting"]
+            assert await asyncio.to_thread(first.process.wait, WAIT) == 0
+            assert await alice.say("still here?")
+            restarted = await asyncio.to_thread(
+                start_server_process, tmp_path / "state", "--store", nats.url, "--port", str(first.port)
+            )
+            await seen.until("message")
+            assert seen.joined[-1].resumed
+            assert seen.lost == []
+            assert seen.texts() == ["still here?"]
+            assert alice.room == "lobby"
+    finally:
+        for server in (first, restarted):
+            if server is not None:
+                server.stop()

@@ -26,13 +26,8 @@ from chat_service.events import (
     Whisper,
 )
 from chat_service.rooms import PRESENCE_RUN, Lease, Member, RoomRegistry, WriteSlots
-from tests.conftest import build_registry
 
 Registries = Callable[..., Awaitable[RoomRegistry[Event]]]
-
-
-def plain(event: Event) -> Event:
-    return event
 
 
 def drain(member: Member[Event]) -> list[Event]:
@@ -71,7 +66,7 @@ async def taken_until(
     between processes may deliver after the operation that caused an event returns."""
     events = [] if events is None else events
     for _ in range(20):
-        if done(events):
+        if events and done(events):
             return events
         events = events + await take(member)
     raise AssertionError(f"the events never came; these did: {events}")
@@ -107,21 +102,20 @@ async def test_messages_are_numbered_and_reach_everyone_in_one_order(registry: R
     assert [(r.name, r.member_count, r.last_seq) for r in await rooms.list_rooms()] == [("r", 3, 2)]
 
 
-async def test_broadcast_is_encoded_once_and_shared(store_kind: str) -> None:
+async def test_broadcast_is_encoded_once_and_shared(registry: Registries) -> None:
     calls: list[Event] = []
 
     def encode(event: Event) -> Event:
         calls.append(event)
         return event
 
-    rooms = await build_registry(store_kind, encode)
+    rooms = await registry(encode=encode)
     members = [await rooms.join("r", f"m{i}", create=i == 0) for i in range(50)]
     calls.clear()
     await members[0].say("hi")
     said = [(await taken_until(m, lambda events: isinstance(events[-1], Message)))[-1] for m in members]
     assert [event for event in calls if isinstance(event, Message)] == said[:1]
     assert len({id(event) for event in said}) == 1
-    await rooms.shutdown()
 
 
 async def test_whisper_goes_to_recipient_and_sender_only(registry: Registries) -> None:
@@ -229,12 +223,12 @@ async def test_shutdown_closes_every_room_and_refuses_new_ones(registry: Registr
         await rooms.create_room("c")
 
 
-async def test_shutdown_over_a_shared_store_hands_members_over(store_kind: str) -> None:
+async def test_shutdown_over_a_shared_store_hands_members_over(registry: Registries, store_kind: str) -> None:
     if store_kind == "memory":
         pytest.skip(
             "the in-memory store's rooms go with the server: test_shutdown_closes_every_room_and_refuses_new_ones"
         )
-    leaving, staying = await build_registry(store_kind, plain), await build_registry(store_kind, plain)
+    leaving, staying = await registry(), await registry()
     member = await leaving.join("r", "m", create=True)
     joined = (await take(member))[0]
     other = await staying.join("r", "other")
@@ -253,13 +247,12 @@ async def test_shutdown_over_a_shared_store_hands_members_over(store_kind: str) 
     answer = (await take(back))[0]
     assert isinstance(answer, Joined)
     assert (answer.resumed, answer.members) == (True, ("m", "other"))
-    await staying.shutdown()
 
 
-async def test_member_lists_and_kills_count_the_members_of_every_process(store_kind: str) -> None:
+async def test_member_lists_and_kills_count_the_members_of_every_process(registry: Registries, store_kind: str) -> None:
     if store_kind == "memory":
         pytest.skip("one process holds every member of an in-memory store")
-    here, there = await build_registry(store_kind, plain), await build_registry(store_kind, plain)
+    here, there = await registry(), await registry()
     alice = await here.join("r", "alice", create=True)
     await take(alice)
     bob = await there.join("r", "bob")
@@ -270,15 +263,13 @@ async def test_member_lists_and_kills_count_the_members_of_every_process(store_k
     for member in crowd:
         await member.leave()
     last = (Members(("alice", "bob")), MemberLeft(crowd[-1].name, LeaveReason.LEFT))
-    events = await taken_until(alice, lambda events: bool(events) and events[-1] in last)
+    events = await taken_until(alice, lambda events: events[-1] in last)
     assert MemberJoined("bob") in events
     # Past a run of joins and leaves, the list as it is when written: the members of both processes.
     lists = [event.names for event in events if isinstance(event, Members)]
     assert lists
     assert all({"alice", "bob"} <= set(names) for names in lists)
     assert await here.kill_room("r") == 2
-    await here.shutdown()
-    await there.shutdown()
 
 
 async def test_waiting_member_wakes_on_a_message(registry: Registries) -> None:
@@ -370,7 +361,7 @@ async def test_a_room_of_stalled_members_is_evicted_at_once(registry: Registries
     assert all(member.dropped.done() for member in stalled)
     await rooms.flush_departures()
     assert [r.member_count for r in await rooms.list_rooms()] == [1]
-    events = await taken_until(sender, lambda events: bool(events) and events[-1] == Members(("sender",)))
+    events = await taken_until(sender, lambda events: events[-1] == Members(("sender",)))
     left = [event for event in events if isinstance(event, MemberLeft)]
     assert len(left) == PRESENCE_RUN
     assert {event.reason for event in left} == {LeaveReason.TOO_SLOW}
