@@ -56,6 +56,9 @@ MAX_BACKLOG_READS = 100
 # Joins and leaves queued for one member before the rest of a run of them becomes one member list. A crowd of N
 # leaving at once would otherwise queue N events for each of the others, and overflow prompt readers' queues.
 PRESENCE_RUN = 8
+# Reads of a room's members once the store is back, a second longer apart each time, before the roster is left as is.
+ROSTER_READS = 5
+# Every member here is told this once when the store goes away; lines each get their own error meanwhile.
 STORE_AWAY = (
     "the message store is unreachable: lines sent now are not delivered; the server reconnects by itself, "
     "and the room goes on once it is back"
@@ -596,6 +599,7 @@ class RoomRegistry(Generic[T]):
             # The store's Takeover signal has not come yet: the member it stands for goes now.
             self._resumed_elsewhere(local, previous)
         local.roster[seat.key] = seat.name
+        local.member_list = None
         names = tuple(sorted(local.roster.values()))
         joined = Joined(
             local.record.name,
@@ -614,17 +618,21 @@ class RoomRegistry(Generic[T]):
         return member
 
     async def _follow(self, local: _Local[T]) -> None:
-        """Start hearing the room, and read its roster: presence heard while it is read is newer, and wins."""
+        """Start hearing the room, and read its roster."""
+        local.last_seq = await self.store.follow(local.record, local)
+        try:
+            await self._read_roster(local)
+        except BaseException:
+            with contextlib.suppress(ChatError):
+                await self.store.unfollow(local.record)
+            raise
+        local.following = True
+
+    async def _read_roster(self, local: _Local[T]) -> None:
+        """Read a followed room's live members from the store: presence heard while it is read is newer, and wins."""
         local.seeding = {}
         try:
-            local.last_seq = await self.store.follow(local.record, local)
-            try:
-                names = await self.store.members(local.record)
-            except BaseException:
-                with contextlib.suppress(ChatError):
-                    await self.store.unfollow(local.record)
-                raise
-            roster = {name_key(name): name for name in names}
+            roster = {name_key(name): name for name in await self.store.members(local.record)}
             for key, name in local.seeding.items():
                 if name is None:
                     roster.pop(key, None)
@@ -632,8 +640,10 @@ class RoomRegistry(Generic[T]):
                     roster[key] = name
         finally:
             local.seeding = None
+        # Whatever the store says, the members here are in.
+        roster.update((key, member.name) for key, member in local.members.items())
         local.roster = roster
-        local.following = True
+        local.member_list = None
 
     async def _backlog(self, local: _Local[T], history: int, resume: Resume | None) -> tuple[list[Message], int]:
         """The messages a joining member is sent first, ending at the last seq this process has sent live, and how
@@ -722,8 +732,11 @@ class RoomRegistry(Generic[T]):
             log.debug("%s was not held for a resume in room %s: %s", seat.name, local.record.name, error.message)
 
     def store_changed(self, available: bool) -> None:
-        """The store went away or came back: every member here is told once when it goes, as its lines fail."""
+        """The store went away or came back: every member here is told once when it goes, as its lines fail; the
+        rosters are read again when it is back, as joins and leaves elsewhere meanwhile were not heard."""
         if available or self._store_away:
+            if available and self._store_away:
+                self._spawn(self._reread_rosters())
             self._store_away = not available
             return
         self._store_away = True
@@ -731,6 +744,19 @@ class RoomRegistry(Generic[T]):
         for local in list(self._local.values()):
             for member in list(local.members.values()):
                 member.push(told)
+
+    async def _reread_rosters(self) -> None:
+        for local in list(self._local.values()):
+            for attempt in range(ROSTER_READS):
+                try:
+                    await self._read_roster(local)
+                    break
+                except ChatError as error:
+                    log.debug("The members of room %s were not read again: %s", local.record.name, error.message)
+                    if error.kind is not ErrorKind.STORE_UNAVAILABLE:
+                        break
+                    # NATS answers a moment before its JetStream does.
+                    await asyncio.sleep(attempt + 1)
 
     def fan_out(self, room: _Local[T], event: Message) -> None:
         """Encode `event` once and queue it for every member of `room` here, in the same order for all."""

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from chat_service import tokens
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import (
     CloseReason,
@@ -270,6 +271,29 @@ async def test_member_lists_and_kills_count_the_members_of_every_process(registr
     assert lists
     assert all({"alice", "bob"} <= set(names) for names in lists)
     assert await here.kill_room("r") == 2
+
+
+async def test_the_store_going_away_is_told_once_and_rosters_are_read_again_when_it_is_back(
+    registry: Registries,
+) -> None:
+    rooms = await registry()
+    (alice,) = await settled(rooms, "alice")
+    record = await rooms.store.find_room("r")
+    assert record is not None
+    # A name claimed with no signal, as joins elsewhere go unheard while the store is away.
+    await rooms.store.claim(record, "ghost", lambda key: tokens.issue(record, key))
+    rooms.store_changed(False)
+    rooms.store_changed(False)
+    told = await take(alice)
+    assert [(type(event), event.error.kind) for event in told if isinstance(event, Problem)] == [
+        (Problem, ErrorKind.STORE_UNAVAILABLE)
+    ]
+    assert len(told) == 1
+    rooms.store_changed(True)
+    await asyncio.wait_for(asyncio.gather(*rooms._tasks), 10)
+    joined = drain(await rooms.join("r", "bob"))[0]
+    assert isinstance(joined, Joined)
+    assert joined.members == ("alice", "bob", "ghost")
 
 
 async def test_waiting_member_wakes_on_a_message(registry: Registries) -> None:
