@@ -273,6 +273,9 @@ class NatsStore:
         self._room_count = 0
         self._beat = asyncio.Event()
         self._connected = asyncio.Event()
+        # Says the store is away once the connection has been down as long as an operation waits for it, so that a
+        # NATS node lost from a cluster (the client moves to another node at once) is a pause nobody is told of.
+        self._away: asyncio.TimerHandle | None = None
         self._connected.set()
         self._heart: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
@@ -977,7 +980,8 @@ class NatsStore:
             return
         log.warning("Lost the connection to the message store (NATS); reconnecting")
         self._connected.clear()
-        self._changed()
+        if self._away is None:
+            self._away = asyncio.get_running_loop().call_later(RECONNECT_WAIT_SECONDS, self._changed)
 
     async def reconnected(self) -> None:
         url = self._nc.connected_url
@@ -985,6 +989,13 @@ class NatsStore:
         self._connected.set()
         self._beat.set()
         self._changed()
+
+    def _changed(self) -> None:
+        if self._away is not None:
+            self._away.cancel()
+            self._away = None
+        if self.on_availability is not None:
+            self.on_availability(self.available)
 
     async def errored(self, error: Exception) -> None:
         # While NATS is away the client reports every attempt to reconnect: one line per interval says enough.
@@ -994,10 +1005,6 @@ class NatsStore:
         if not self._closed:
             log.warning("The connection to the message store (NATS) closed")
         self._changed()
-
-    def _changed(self) -> None:
-        if self.on_availability is not None:
-            self.on_availability(self.available)
 
     async def close(self) -> None:
         if self._closed:
