@@ -19,9 +19,6 @@ class WorkerPlan:
     streams_per_channel: int
     join_timeout: float  # each step of opening and joining
     run_timeout: float  # the measured phase
-    # With several server processes a member's Joined lists the members of its own process only, so it may never
-    # hear of every join: a wave then also ends after this long with no join heard by any member (0: it never does).
-    settle_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,6 @@ MARGIN_SECONDS = 30.0
 MULTIPLEXED = 64
 # Connections one load-generator process holds at most, so that none of them is the bottleneck of the larger shapes.
 CONNECTIONS_PER_WORKER = 1000
-# A join wave's quiet spell when members cannot count every join (WorkerPlan.settle_seconds).
-SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,6 @@ def _run_chat(shape: Shape, options: Options) -> RunResult:
                 options.streams_per_channel,
                 join_timeout,
                 run_timeout,
-                SETTLE_SECONDS if options.server_workers > 1 else 0.0,
             )
             children.append(processes.spawn(f"worker {index}", worker.main, plan))
         processes.collect(children, Ready, join_timeout + MARGIN_SECONDS, server.check_alive)

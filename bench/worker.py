@@ -150,7 +150,6 @@ class _Member:
         if kind in ("member_joined", "members"):
             # A wave of joins can reach a member as one member list instead of a MemberJoined each.
             self.room_count = len(event.members.names) if kind == "members" else self.room_count + 1
-            self.worker.announcements += 1
             if self.room_count >= self.worker.target:
                 self._caught_up()
         elif kind == "room_closed":
@@ -210,7 +209,6 @@ class _Worker:
         self.members = [_Member(spec, self, shape.room_messages, shape.kind is Kind.STEADY) for spec in plan.members]
         self.target = 0  # members in every room once the current wave has joined
         self.lagging = 0  # members that have not yet heard of every join of the wave
-        self.announcements = 0  # joins heard by any member, to tell when they stop coming
         self.caught_up = asyncio.Event()
         self.incomplete = len(self.members)
         self.completed = asyncio.Event()
@@ -318,17 +316,8 @@ class _Worker:
             # room_count is 0 until a member has joined; an ended stream will hear nothing more.
             member.lagging = 0 < member.room_count < self.target and not member.ended
             self.lagging += member.lagging
-        if not self.lagging:
-            return
-        if not self.plan.settle_seconds:
+        if self.lagging:
             await self.caught_up.wait()
-            return
-        # Members may never hear of every join (see WorkerPlan.settle_seconds): a spell with none heard is quiet.
-        heard = -1
-        while heard != self.announcements and not self.caught_up.is_set():
-            heard = self.announcements
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.caught_up.wait(), self.plan.settle_seconds)
 
     async def _join(self, members: list[_Member]) -> None:
         async def join(member: _Member) -> None:
