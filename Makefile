@@ -60,9 +60,9 @@ lint: proto $(BUF)
 	$(BIN)/mypy
 	cd proto && ../$(BUF) lint
 
-## test: install everything, lint, and run the whole test suite
+## test: install everything, lint, and run the whole test suite, a file at a time in each of TEST_PROCESSES (2) processes
 test: proto lint $(NODE_TEST_DEPS)
-	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest -n $(or $(TEST_PROCESSES),2) --dist loadfile $(PYTEST_ARGS)
 
 ## fuzz: the adversarial suite with many more cases and a fresh seed (FUZZ_CASES=N, FUZZ_SEED=N to replay one)
 fuzz: proto
