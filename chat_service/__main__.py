@@ -30,10 +30,10 @@ from chat_service.limits import (
     Limits,
     Rate,
 )
-from chat_service.memory_store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS
-from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS
+from chat_service.rooms import DEFAULT_QUEUE_LIMIT
 from chat_service.server import DEFAULT_MAX_STREAMS_PER_CONNECTION, MEMORY, Config, Tls, run
 from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS
+from chat_service.store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, DEFAULT_RESUME_GRACE_SECONDS
 from chat_service.workers import Supervisor, WorkerStartError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

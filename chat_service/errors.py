@@ -24,6 +24,7 @@ class ErrorKind(enum.Enum):
     MEMBER_LIMIT = enum.auto()
     JOIN_TIMEOUT = enum.auto()
     STORE_UNAVAILABLE = enum.auto()
+    SERVER_RESTARTING = enum.auto()
 
 
 class ChatError(Exception):

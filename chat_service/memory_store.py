@@ -16,16 +16,23 @@ from chat_service import tokens
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import CloseReason, Message, RoomClosed, RoomInfo, Whisper
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, History, HistoryBudget
-from chat_service.registry import DEFAULT_NAME
-from chat_service.store import Appended, Backlog, Follower, RoomRecord, Seat, Signal, Takeover, TokenIssuer
+from chat_service.store import (
+    DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_ROOMS,
+    Appended,
+    Backlog,
+    Follower,
+    RoomRecord,
+    Seat,
+    Signal,
+    Takeover,
+    TokenIssuer,
+    numbered_name,
+)
 from chat_service.validation import name_key
 
 log = logging.getLogger(__name__)
 
-# Rooms stay until killed, about 1.4 KiB each when empty: a cap keeps a script from filling the server's memory.
-DEFAULT_MAX_ROOMS = 10_000
-# Names held server-wide, by members (an idle one costs about 30 KiB) and for resumes.
-DEFAULT_MAX_MEMBERS = 50_000
 # Dedup keys a room remembers, newest first kept: a client re-sends within seconds of reconnecting, long before a
 # room has had this many lines with client ids since.
 DEDUP_KEYS_KEPT = 1024
@@ -114,6 +121,10 @@ class MemoryStore:
         return True
 
     @property
+    def shared(self) -> bool:
+        return False
+
+    @property
     def room_count(self) -> int:
         """Rooms open now; one len(), so another thread may read it."""
         return len(self._rooms)
@@ -148,6 +159,9 @@ class MemoryStore:
     async def list_rooms(self) -> list[RoomInfo]:
         rooms = sorted(self._rooms.values(), key=lambda room: room.record.name)
         return [RoomInfo(room.record.name, room.live, room.history.last_seq) for room in rooms]
+
+    async def members(self, room: RoomRecord) -> list[str]:
+        return sorted(seat.name for seat in self._room(room).seats.values() if seat.live)
 
     async def close_room(self, name: str, reason: CloseReason) -> RoomRecord:
         room = self._rooms.pop(name_key(name), None)
@@ -357,15 +371,11 @@ def _free_default(room: _Room) -> tuple[str, int]:
     free = room.free_numbers
     while free:
         number = heapq.heappop(free)
-        if name_key(_numbered(number)) not in taken:
-            return _numbered(number), number
+        if name_key(numbered_name(number)) not in taken:
+            return numbered_name(number), number
     # A name a member chose can take a number out of turn; it is skipped, and not handed out later either.
-    while name_key(_numbered(room.next_number)) in taken:
+    while name_key(numbered_name(room.next_number)) in taken:
         room.next_number += 1
     number = room.next_number
     room.next_number += 1
-    return _numbered(number), number
-
-
-def _numbered(number: int) -> str:
-    return DEFAULT_NAME if number == 1 else f"{DEFAULT_NAME}-{number}"
+    return numbered_name(number), number

@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from chat_service import tokens
 from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import (
     CloseReason,
@@ -40,8 +41,22 @@ from chat_service.events import (
     RoomInfo,
     Whisper,
 )
-from chat_service.registry import DEFAULT_NAME
-from chat_service.store import Appended, Backlog, Entry, Follower, RoomRecord, Seat, Signal, Takeover, TokenIssuer
+from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
+from chat_service.store import (
+    DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_ROOMS,
+    DEFAULT_RESUME_GRACE_SECONDS,
+    Appended,
+    Backlog,
+    Entry,
+    Follower,
+    RoomRecord,
+    Seat,
+    Signal,
+    Takeover,
+    TokenIssuer,
+    numbered_name,
+)
 from chat_service.throttled_log import ThrottledLog
 from chat_service.validation import name_key
 
@@ -55,11 +70,6 @@ ROOMS_BUCKET = "CHAT_ROOMS"
 NAMES_BUCKET = "CHAT_NAMES"
 PROCESSES_BUCKET = "CHAT_PROCESSES"
 SEQ_HEADER = "Chat-Seq"
-DEFAULT_HISTORY = 1000
-DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
-DEFAULT_RESUME_GRACE_SECONDS = 30.0
-DEFAULT_MAX_ROOMS = 10_000
-DEFAULT_MAX_MEMBERS = 50_000
 # How long a process's heartbeat outlives it: its names are free this long after it died. It beats three times in
 # that span, so one late beat on a busy machine does not free the names of a process that is alive.
 DEFAULT_LIVENESS_SECONDS = 6.0
@@ -273,6 +283,10 @@ class NatsStore:
         return self._nc.is_connected and not self._closed
 
     @property
+    def shared(self) -> bool:
+        return True
+
+    @property
     def room_count(self) -> int:
         return self._room_count
 
@@ -297,9 +311,10 @@ class NatsStore:
         )
         self._rooms_kv = await self._ensure_bucket(api.KeyValueConfig(ROOMS_BUCKET, storage=api.StorageType.FILE))
         self._names_kv = await self._ensure_bucket(api.KeyValueConfig(NAMES_BUCKET, storage=api.StorageType.FILE))
-        # Heartbeats need no disk: a restarted NATS loses them for one beat at most.
+        # On disk, as the names are: a bucket in memory is gone after NATS restarts, and until every process had
+        # made it again and beaten, each name held live would look free to a claim.
         self._processes_kv = await self._ensure_bucket(
-            api.KeyValueConfig(PROCESSES_BUCKET, storage=api.StorageType.MEMORY, ttl=self.liveness)
+            api.KeyValueConfig(PROCESSES_BUCKET, storage=api.StorageType.FILE, ttl=self.liveness)
         )
         await self._heartbeat()
         self._heart = asyncio.get_running_loop().create_task(self._beating())
@@ -380,6 +395,11 @@ class NatsStore:
         rooms = await asyncio.gather(*(info(record) for record in records))
         self._room_count = len(rooms)
         return sorted(rooms, key=lambda room: room.name)
+
+    @_guarded
+    async def members(self, room: RoomRecord) -> list[str]:
+        await self._check_open(room)
+        return sorted(seat.name for _, seat in await self._seats_in_use(room.uid) if seat.holder)
 
     @_guarded
     async def close_room(self, name: str, reason: CloseReason) -> RoomRecord:
@@ -511,7 +531,7 @@ class NatsStore:
             if seat is None:
                 return None
             state = await self._state(seat)
-            if not _same(seat.token, token):
+            if not tokens.same(seat.token, token):
                 if state == "free":
                     return None
                 raise ChatError(ErrorKind.NAME_TAKEN, await self._taken(room, seat, name))
@@ -558,9 +578,9 @@ class NatsStore:
         """The lowest numbered default name nobody holds in `room`."""
         taken = {name_key(seat.name) for _, seat in await self._seats_in_use(room.uid)}
         number = 1
-        while name_key(_numbered(number)) in taken:
+        while name_key(numbered_name(number)) in taken:
             number += 1
-        return _numbered(number)
+        return numbered_name(number)
 
     async def _seats_in_use(self, uid: str = "") -> list[tuple[str, _SeatRecord]]:
         """Room uid and seat of every name held, live by a live process or within its grace, in one room or all."""
@@ -1001,15 +1021,6 @@ class NatsStore:
 
 def _deleted(msg: Msg) -> bool:
     return bool(msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"))
-
-
-def _same(expected: str, presented: str) -> bool:
-    # As bytes, in constant time: compare_digest refuses a str that is not ASCII.
-    return secrets.compare_digest(expected.encode(), presented.encode("utf-8", "surrogatepass"))
-
-
-def _numbered(number: int) -> str:
-    return DEFAULT_NAME if number == 1 else f"{DEFAULT_NAME}-{number}"
 
 
 async def connect(

@@ -73,4 +73,8 @@ class Registry(Protocol[T]):
         gets the room's last `history` messages, or with `resume` its old name and every message after last_seq."""
 
     async def shutdown(self) -> None:
-        """Close every room for a server shutdown; later joins fail."""
+        """End every membership for a server shutdown: RoomClosed when the rooms go with this process, else a status
+        the client resumes after; later joins fail."""
+
+    def store_changed(self, available: bool) -> None:
+        """The store went away (`available` False) or came back; the members here are told when it goes."""

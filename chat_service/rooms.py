@@ -35,7 +35,7 @@ from chat_service.events import (
 )
 from chat_service.registry import DEFAULT_NAME
 from chat_service.stats import Stats
-from chat_service.store import Entry, RoomRecord, Seat, Signal, Store, Takeover
+from chat_service.store import DEFAULT_RESUME_GRACE_SECONDS, Entry, RoomRecord, Seat, Signal, Store, Takeover
 from chat_service.throttled_log import ThrottledLog
 from chat_service.validation import check_client_id, check_name, check_text, name_key
 
@@ -47,7 +47,6 @@ DEFAULT_QUEUE_LIMIT = 1024
 DEFAULT_BATCH_LIMIT = 256
 DEFAULT_WRITE_SLOTS = 16
 DEFAULT_SLOT_HOLD_SECONDS = 0.1
-DEFAULT_RESUME_GRACE_SECONDS = 30.0
 # Whispers' client ids remembered server-wide to recognise a re-sent whisper (lines are the store's to dedup).
 WHISPER_IDS_KEPT = 16_384
 # How long a join waits for this process to have heard the room's log up to where it read the member's backlog.
@@ -57,6 +56,13 @@ MAX_BACKLOG_READS = 100
 # Joins and leaves queued for one member before the rest of a run of them becomes one member list. A crowd of N
 # leaving at once would otherwise queue N events for each of the others, and overflow prompt readers' queues.
 PRESENCE_RUN = 8
+# Reads of a room's members once the store is back, a second longer apart each time, before the roster is left as is.
+ROSTER_READS = 5
+# Every member here is told this once when the store goes away; lines each get their own error meanwhile.
+STORE_AWAY = (
+    "the message store is unreachable: lines sent now are not delivered; the server reconnects by itself, "
+    "and the room goes on once it is back"
+)
 # Stands in a member's queue for the room's member list, made when it is written so that it is current then.
 _MEMBER_LIST = object()
 
@@ -149,6 +155,8 @@ class _Local(Generic[T]):
         "members",
         "record",
         "registry",
+        "roster",
+        "seeding",
         "users",
         "waiters",
     )
@@ -158,6 +166,11 @@ class _Local(Generic[T]):
         self.record = record
         # This process's members, keyed by name_key(name).
         self.members: dict[str, Member[T]] = {}
+        # Every process's live members by name key, kept from the presence signals, so that a member list is made
+        # when it is written without asking the store.
+        self.roster: dict[str, str] = {}
+        # While the roster is being read from the store: presence heard meanwhile, newer than what is read.
+        self.seeding: dict[str, str | None] | None = None
         # The seq of the last message sent live to the members here: a joining member's backlog ends exactly there.
         self.last_seq = 0
         # The encoded member list, made once per change of members however many members are sent it.
@@ -184,11 +197,18 @@ class _Local(Generic[T]):
         registry = self.registry
         if isinstance(signal, Takeover):
             registry.taken_over(self, signal)
-        elif isinstance(signal, MemberJoined):
-            # The member who joined is in already, and is not told of itself.
-            registry.announce(self, signal, skip=self.members.get(name_key(signal.name)))
-        else:
+            return
+        key = name_key(signal.name)
+        present = signal.name if isinstance(signal, MemberJoined) else None
+        if self.seeding is not None:
+            self.seeding[key] = present
+        if present is None:
+            self.roster.pop(key, None)
             registry.announce(self, signal)
+        else:
+            self.roster[key] = present
+            # The member who joined is in already, and is not told of itself.
+            registry.announce(self, signal, skip=self.members.get(key))
 
     def whispered(self, recipient_key: str, whisper: Whisper) -> None:
         member = self.members.get(recipient_key)
@@ -440,6 +460,8 @@ class RoomRegistry(Generic[T]):
         self._tasks: set[asyncio.Task[None]] = set()
         # What each whisper's client id produced, by room uid, name key and client id (lines are the store's to dedup).
         self.whispers_sent: dict[str, T] = {}
+        # Whether the store is away now: its members were told when it went, and are not told again until it is back.
+        self._store_away = False
 
     async def list_rooms(self) -> list[RoomInfo]:
         return await self.store.list_rooms()
@@ -450,8 +472,10 @@ class RoomRegistry(Generic[T]):
         return RoomInfo(record.name, 0, 0)
 
     async def kill_room(self, room: str) -> int:
-        key = name_key(room)
-        ejected = sum(len(local.members) for local in self._local.values() if name_key(local.record.name) == key)
+        found = await self.store.find_room(room)
+        if found is None:
+            raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room!r} does not exist")
+        ejected = len(await self.store.members(found))
         record = await self.store.close_room(room, CloseReason.KILLED)
         log.info(
             "Room %s killed, %d members ejected", record.name, ejected, extra={"room": record.name, "reason": "killed"}
@@ -564,8 +588,7 @@ class RoomRegistry(Generic[T]):
         if not local.following:
             async with local.lock:
                 if not local.following and not local.closed:
-                    local.last_seq = await self.store.follow(local.record, local)
-                    local.following = True
+                    await self._follow(local)
         replay, lost = await self._backlog(local, history, resume)
         # From here to the member's install nothing awaits: its backlog ends at local.last_seq, and what the room
         # logs next reaches it live.
@@ -575,7 +598,9 @@ class RoomRegistry(Generic[T]):
         if previous is not None:
             # The store's Takeover signal has not come yet: the member it stands for goes now.
             self._resumed_elsewhere(local, previous)
-        names = tuple(sorted([*(member.name for member in local.members.values()), seat.name]))
+        local.roster[seat.key] = seat.name
+        local.member_list = None
+        names = tuple(sorted(local.roster.values()))
         joined = Joined(
             local.record.name,
             seat.name,
@@ -591,6 +616,34 @@ class RoomRegistry(Generic[T]):
         member = Member(self, local, seat, [encode(joined), *map(encode, replay)])
         local.members[seat.key] = member
         return member
+
+    async def _follow(self, local: _Local[T]) -> None:
+        """Start hearing the room, and read its roster."""
+        local.last_seq = await self.store.follow(local.record, local)
+        try:
+            await self._read_roster(local)
+        except BaseException:
+            with contextlib.suppress(ChatError):
+                await self.store.unfollow(local.record)
+            raise
+        local.following = True
+
+    async def _read_roster(self, local: _Local[T]) -> None:
+        """Read a followed room's live members from the store: presence heard while it is read is newer, and wins."""
+        local.seeding = {}
+        try:
+            roster = {name_key(name): name for name in await self.store.members(local.record)}
+            for key, name in local.seeding.items():
+                if name is None:
+                    roster.pop(key, None)
+                else:
+                    roster[key] = name
+        finally:
+            local.seeding = None
+        # Whatever the store says, the members here are in.
+        roster.update((key, member.name) for key, member in local.members.items())
+        local.roster = roster
+        local.member_list = None
 
     async def _backlog(self, local: _Local[T], history: int, resume: Resume | None) -> tuple[list[Message], int]:
         """The messages a joining member is sent first, ending at the last seq this process has sent live, and how
@@ -650,11 +703,60 @@ class RoomRegistry(Generic[T]):
             del self._local[local.record.uid]
 
     async def shutdown(self) -> None:
+        if self.store.shared:
+            await self._hand_over()
         await self.store.close()
-        # A shared store keeps its rooms for the other processes: the members here are told all the same.
         for local in list(self._local.values()):
             self.close_local(local, RoomClosed(local.record.name, CloseReason.SERVER_SHUTDOWN))
         await self.flush_departures()
+
+    async def _hand_over(self) -> None:
+        """End every stream here so that its client resumes, here after a restart or on another server: the rooms
+        live on in the shared store, and each name is held for the resume grace, as after a lost connection."""
+        restarting = ChatError(ErrorKind.SERVER_RESTARTING, "the server is restarting; reconnect to resume")
+        leaving: list[tuple[_Local[T], Seat]] = []
+        for local in list(self._local.values()):
+            members = list(local.members.values())
+            local.members.clear()
+            for member in members:
+                member.drop(restarting)
+                leaving.append((local, member._seat))
+        if self.store.available:
+            await asyncio.gather(*(self._vacate_quietly(local, seat) for local, seat in leaving))
+
+    async def _vacate_quietly(self, local: _Local[T], seat: Seat) -> None:
+        try:
+            await self.vacate(local, seat, LeaveReason.DISCONNECTED)
+        except ChatError as error:
+            # The name frees itself once this process's heartbeat stops: only sooner than the grace.
+            log.debug("%s was not held for a resume in room %s: %s", seat.name, local.record.name, error.message)
+
+    def store_changed(self, available: bool) -> None:
+        """The store went away or came back: every member here is told once when it goes, as its lines fail; the
+        rosters are read again when it is back, as joins and leaves elsewhere meanwhile were not heard."""
+        if available or self._store_away:
+            if available and self._store_away:
+                self._spawn(self._reread_rosters())
+            self._store_away = not available
+            return
+        self._store_away = True
+        told = self.encode(Problem(ChatError(ErrorKind.STORE_UNAVAILABLE, STORE_AWAY)))
+        for local in list(self._local.values()):
+            for member in list(local.members.values()):
+                member.push(told)
+
+    async def _reread_rosters(self) -> None:
+        for local in list(self._local.values()):
+            for attempt in range(ROSTER_READS):
+                try:
+                    await self._read_roster(local)
+                    break
+                except ChatError as error:
+                    log.debug("The members of room %s were not read again: %s", local.record.name, error.message)
+                    if error.kind is not ErrorKind.STORE_UNAVAILABLE:
+                        break
+                    # NATS answers a moment before its JetStream does.
+                    await asyncio.sleep(attempt + 1)
 
     def fan_out(self, room: _Local[T], event: Message) -> None:
         """Encode `event` once and queue it for every member of `room` here, in the same order for all."""
@@ -691,7 +793,7 @@ class RoomRegistry(Generic[T]):
     def member_list(self, room: _Local[T]) -> T:
         """The room's members now, encoded once for every member that is sent the list."""
         if room.member_list is None:
-            room.member_list = self.encode(Members(tuple(sorted(member.name for member in room.members.values()))))
+            room.member_list = self.encode(Members(tuple(sorted(room.roster.values()))))
         return room.member_list
 
     def close_local(self, local: _Local[T], closed: RoomClosed) -> None:

@@ -21,13 +21,13 @@ from chat_service.console import run_console
 from chat_service.encoding import encode
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
 from chat_service.limits import Limiter, Limits
-from chat_service.memory_store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, MemoryStore
+from chat_service.memory_store import MemoryStore
 from chat_service.metrics import Metrics
 from chat_service.registry import Registry
-from chat_service.rooms import DEFAULT_QUEUE_LIMIT, DEFAULT_RESUME_GRACE_SECONDS, RoomRegistry
+from chat_service.rooms import DEFAULT_QUEUE_LIMIT, RoomRegistry
 from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS, SERVICE_NAME, ChatServicer, handler
 from chat_service.stats import Stats
-from chat_service.store import Store
+from chat_service.store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, DEFAULT_RESUME_GRACE_SECONDS, Store
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,9 @@ class ChatServer:
         await self._set_health(self.store.available)
 
     def store_available(self, available: bool) -> None:
-        """The store came back or went away: health says whether new members can be served."""
+        """The store came back or went away: health says whether new members can be served, and members are told."""
         if not self._stopping:
+            self.registry.store_changed(available)
             self._health_change = asyncio.get_running_loop().create_task(self._set_health(available))
 
     async def _set_health(self, available: bool) -> None:

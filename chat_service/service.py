@@ -61,7 +61,10 @@ class ChatServicer:
     async def ListRooms(
         self, request: pb.ListRoomsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ListRoomsResponse:
-        rooms = await self._registry.list_rooms()
+        try:
+            rooms = await self._registry.list_rooms()
+        except ChatError as error:
+            await _abort(context, error)
         return pb.ListRoomsResponse(rooms=[_room(info) for info in rooms])
 
     async def CreateRoom(
@@ -87,7 +90,11 @@ class ChatServicer:
     async def PruneRooms(
         self, request: pb.PruneRoomsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.PruneRoomsResponse:
-        return pb.PruneRoomsResponse(rooms=await self._registry.prune_rooms())
+        try:
+            pruned = await self._registry.prune_rooms()
+        except ChatError as error:
+            await _abort(context, error)
+        return pb.PruneRoomsResponse(rooms=pruned)
 
     async def Chat(self, requests: AsyncIterator[bytes], context: Context) -> None:
         requests = aiter(requests)

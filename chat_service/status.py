@@ -24,6 +24,8 @@ _TABLE: dict[ErrorKind, tuple[grpc.StatusCode, pb.ErrorCode.ValueType]] = {
     ErrorKind.MEMBER_LIMIT: (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_CODE_MEMBER_LIMIT),
     ErrorKind.JOIN_TIMEOUT: (grpc.StatusCode.DEADLINE_EXCEEDED, pb.ERROR_CODE_UNSPECIFIED),
     ErrorKind.STORE_UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, pb.ERROR_CODE_UNAVAILABLE),
+    # A status the chat client resumes after, on this server once it is back or on another sharing its store.
+    ErrorKind.SERVER_RESTARTING: (grpc.StatusCode.UNAVAILABLE, pb.ERROR_CODE_UNSPECIFIED),
 }
 
 

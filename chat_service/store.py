@@ -18,6 +18,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from chat_service.events import CloseReason, MemberJoined, MemberLeft, Message, RoomClosed, RoomInfo, Whisper
+from chat_service.registry import DEFAULT_NAME
+
+# Rooms stay until killed, about 1.4 KiB each when empty: a cap keeps a script from filling the server's memory.
+DEFAULT_MAX_ROOMS = 10_000
+# Names held server-wide, by members (an idle one costs about 30 KiB) and for resumes.
+DEFAULT_MAX_MEMBERS = 50_000
+DEFAULT_RESUME_GRACE_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +100,10 @@ class Store(Protocol):
         """Whether the store answers now; while it does not, operations raise STORE_UNAVAILABLE."""
 
     @property
+    def shared(self) -> bool:
+        """Whether other server processes may share the rooms: they outlive this process's `close`."""
+
+    @property
     def room_count(self) -> int:
         """Rooms this process knows to be open; for metrics, so cheap and never awaiting."""
 
@@ -108,6 +119,9 @@ class Store(Protocol):
 
     async def list_rooms(self) -> list[RoomInfo]:
         """Every open room, sorted by name, with its live members counted across processes."""
+
+    async def members(self, room: RoomRecord) -> list[str]:
+        """The names held live in `room`, across processes, sorted; raises ROOM_NOT_FOUND."""
 
     async def close_room(self, name: str, reason: CloseReason) -> RoomRecord:
         """Log RoomClosed in the room and forget it and its names; raises ROOM_NOT_FOUND."""
@@ -148,6 +162,11 @@ class Store(Protocol):
     async def close(self) -> None:
         """Stop this process's use of the store: it stops following rooms. The in-memory store closes every room
         (SERVER_SHUTDOWN) as its rooms go with the process; a shared store keeps them for the other processes."""
+
+
+def numbered_name(number: int) -> str:
+    """The default name with `number`: the first is plain, the rest carry their number."""
+    return DEFAULT_NAME if number == 1 else f"{DEFAULT_NAME}-{number}"
 
 
 class TokenIssuer(Protocol):

@@ -8,15 +8,20 @@ import queue
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import nats as nats_client
 import pytest
+from nats.js.errors import NotFoundError
 
 from chat.v1 import chat_pb2_grpc
+from chat_service import nats_store
 from chat_service.events import Event
 from chat_service.limits import NO_LIMIT, Limits
 from chat_service.memory_store import MemoryStore
@@ -24,7 +29,7 @@ from chat_service.rooms import RoomRegistry
 from chat_service.server import ChatServer, Config
 from chat_service.store import Store
 from tests.lagging_store import LaggingStore
-from tests.nats import NatsNode, nats_node
+from tests.nats import READY_TIMEOUT, NatsNode, nats_node
 
 T = TypeVar("T")
 
@@ -32,8 +37,9 @@ BIN = Path(sys.executable).parent
 UNLIMITED = Limits(rooms=NO_LIMIT, joins=NO_LIMIT, lines=NO_LIMIT)
 # The same for the executable, for tests that flood from one address on purpose.
 UNLIMITED_FLAGS = ("--rooms-per-minute", "0", "--joins-per-second", "0", "--lines-per-second", "0")
-# The stores every behaviour suite runs against: the store suite (tests/test_store.py) and the registry's.
-STORES = ["memory"]
+# The stores every behaviour suite runs against: the store suite (tests/test_store.py) and the registry's. A test
+# gets "nats" as the URL of the session's nats-server (see `shared_nats`), emptied for it.
+STORES = ["memory", "nats"]
 # Options of a store rather than of the registry above it; make_registry hands these to make_store.
 STORE_OPTIONS = frozenset({"history_limit", "history_bytes", "max_rooms", "max_members", "empty_room_ttl"})
 
@@ -50,13 +56,66 @@ def executable(name: str) -> str:
     return str(path)
 
 
-def make_store(kind: str, **options: Any) -> Store:
-    """A new, empty store of `kind` (one of STORES) with `options` (see STORE_OPTIONS)."""
+async def make_store(kind: str, **options: Any) -> Store:
+    """A new store of `kind` (one of STORES, or a NATS URL) with `options` (see STORE_OPTIONS); empty unless `kind`
+    is the URL of a NATS that another store of this test already uses."""
     if kind == "memory":
         return MemoryStore(**options)
     if kind == "lagging":
         return LaggingStore(MemoryStore(**options))
+    if kind.startswith("nats://"):
+        return await nats_store.connect([kind], replicas=1, **options)
     raise ValueError(f"no store called {kind!r}")
+
+
+async def empty_nats(url: str) -> None:
+    """Delete the NATS store's stream and buckets, so that the next store made on `url` starts empty."""
+    connection = await nats_client.connect(url)
+    try:
+        jetstream = connection.jetstream()
+        buckets = (nats_store.ROOMS_BUCKET, nats_store.NAMES_BUCKET, nats_store.PROCESSES_BUCKET)
+        for stream in (nats_store.LOG_STREAM, *(f"KV_{bucket}" for bucket in buckets)):
+            with contextlib.suppress(NotFoundError):
+                await jetstream.delete_stream(stream)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def shared_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsNode]:
+    """One nats-server with JetStream for the session's behaviour suites; each test empties it (`store_kind`)."""
+    node = NatsNode(tmp_path_factory.mktemp("shared-nats"))
+    node.start()
+    # Waited for without an event loop: the first test to ask for it asks from inside its own running loop.
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        while not _healthy(node):
+            assert node.process is not None and node.process.poll() is None, "the shared nats-server exited"
+            assert time.monotonic() < deadline, f"the shared nats-server was not ready within {READY_TIMEOUT} s"
+            time.sleep(0.05)
+        yield node
+    finally:
+        if node.process is not None:
+            node.process.terminate()
+            node.process.wait(READY_TIMEOUT)
+
+
+def _healthy(node: NatsNode) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.monitor_port}/healthz", timeout=5) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+async def _kind(request: pytest.FixtureRequest) -> str:
+    """The store kind a parametrised fixture names: for "nats", the shared nats-server's URL, emptied."""
+    kind = str(request.param)
+    if kind != "nats":
+        return kind
+    node: NatsNode = request.getfixturevalue("shared_nats")
+    await empty_nats(node.url)
+    return node.url
 
 
 # The store suite also runs against the in-memory store made to pause and lag as a shared one does, which proves
@@ -64,7 +123,7 @@ def make_store(kind: str, **options: Any) -> Store:
 @pytest.fixture(params=[*STORES, "lagging"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     """A new store of each kind, small enough to reach its limits: 5 messages a room, 3 rooms, 4 names."""
-    made = make_store(request.param, history_limit=5, max_rooms=3, max_members=4)
+    made = await make_store(await _kind(request), history_limit=5, max_rooms=3, max_members=4)
     try:
         yield made
     finally:
@@ -72,14 +131,14 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 
 
 @pytest.fixture(params=STORES)
-def store_kind(request: pytest.FixtureRequest) -> str:
-    """Which store a registry test builds its registries over."""
-    return str(request.param)
+async def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which store a registry test builds its registries over: "memory", or the URL of an empty NATS."""
+    return await _kind(request)
 
 
-def build_registry(kind: str, encode: Callable[[Event], T], **options: Any) -> RoomRegistry[T]:
+async def build_registry(kind: str, encode: Callable[[Event], T], **options: Any) -> RoomRegistry[T]:
     """A registry over a new store of `kind`: `options` named in STORE_OPTIONS go to the store, the rest to it."""
-    store = make_store(kind, **{key: value for key, value in options.items() if key in STORE_OPTIONS})
+    store = await make_store(kind, **{key: value for key, value in options.items() if key in STORE_OPTIONS})
     return RoomRegistry(store, encode, **{key: value for key, value in options.items() if key not in STORE_OPTIONS})
 
 
@@ -88,12 +147,14 @@ def _identity(event: Event) -> Event:
 
 
 @pytest.fixture
-async def registry(store_kind: str) -> AsyncIterator[Callable[..., RoomRegistry[Event]]]:
-    """Makes registries whose events come out as plain values, each over a new store of every kind; shut down after."""
+async def registry(store_kind: str) -> AsyncIterator[Callable[..., Awaitable[RoomRegistry[Event]]]]:
+    """Makes registries whose events come out as plain values (or as `encode` makes them), each over a store of the
+    kind: a new one in memory; in NATS the test's, so that two registries stand for two server processes. Shut down
+    after."""
     made: list[RoomRegistry[Event]] = []
 
-    def make(**options: Any) -> RoomRegistry[Event]:
-        made.append(build_registry(store_kind, _identity, **options))
+    async def make(encode: Callable[[Event], Event] = _identity, **options: Any) -> RoomRegistry[Event]:
+        made.append(await build_registry(store_kind, encode, **options))
         return made[-1]
 
     yield make

@@ -65,6 +65,10 @@ class LaggingStore:
         return True
 
     @property
+    def shared(self) -> bool:
+        return False
+
+    @property
     def room_count(self) -> int:
         return self.inner.room_count
 
@@ -83,6 +87,10 @@ class LaggingStore:
     async def list_rooms(self) -> list[RoomInfo]:
         await asyncio.sleep(0)
         return await self.inner.list_rooms()
+
+    async def members(self, room: RoomRecord) -> list[str]:
+        await asyncio.sleep(0)
+        return await self.inner.members(room)
 
     async def close_room(self, name: str, reason: CloseReason) -> RoomRecord:
         await asyncio.sleep(0)

@@ -93,7 +93,7 @@ def _write(member: Member[Event]) -> list[Event]:
 async def _scenario(
     store_kind: str, history_limit: int, batch_limit: int, plan: list[Step]
 ) -> tuple[list[int], set[int], int]:
-    rooms = build_registry(store_kind, _identity, history_limit=history_limit, batch_limit=batch_limit)
+    rooms = await build_registry(store_kind, _identity, history_limit=history_limit, batch_limit=batch_limit)
     talker = await rooms.join("r", "talker", create=True)
     observer = await rooms.join("r", "observer")
     seen: list[Event] = []
@@ -127,7 +127,10 @@ async def _scenario(
     return [e.seq for e in seen if isinstance(e, Message)], lost, said
 
 
-# store_kind is a plain string, the same for every example: nothing of one example leaks into the next.
+# store_kind is a plain string, the same for every example: nothing of one example leaks into the next. In memory
+# only: each example takes batches in step with say, which a store that delivers later does not give (the joins over
+# a lagging follower below, over every kind of store, cover that); and a NATS emptied per example would take minutes.
+@pytest.mark.parametrize("store_kind", ["memory"])
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history_limit=st.integers(0, 12), batch_limit=st.integers(1, 5), plan=steps)
 def test_replay_then_live_has_no_gap_and_no_duplicate(

@@ -15,7 +15,7 @@ from tests.test_rooms import Registries, drain, take
 
 
 async def test_the_registry_counts_lines_whispers_writes_evictions_and_refused_caps(registry: Registries) -> None:
-    rooms = registry(max_rooms=1, max_members=2)
+    rooms = await registry(max_rooms=1, max_members=2)
     stats = rooms.stats
     alice = await rooms.join("r", "alice", create=True)
     bob = await rooms.join("r", "bob")

@@ -127,6 +127,18 @@ async def test_names_are_claimed_once_and_defaults_are_numbered(store: Store) ->
     assert await store.list_rooms() == [RoomInfo("r", 4, 0)]
 
 
+async def test_members_are_the_names_held_live_sorted(store: Store) -> None:
+    room = await store.create_room("r")
+    assert await store.members(room) == []
+    bob = await claim(store, room, "bob")
+    await claim(store, room, "Alice")
+    await claim(store, room, "carol")
+    await store.vacate(room, bob, grace=60)
+    assert await store.members(room) == ["Alice", "carol"]
+    await store.close_room("r", CloseReason.KILLED)
+    await refused(ErrorKind.ROOM_NOT_FOUND, store.members(room))
+
+
 async def test_a_resume_takes_a_live_seat_over_and_signals_it(store: Store) -> None:
     room = await store.create_room("r")
     recorder = Recorder()
