@@ -788,8 +788,11 @@ class NatsStore:
         to JetStream per entry, and the entry's messages reach the fan-out together (measured in bench/README)."""
         batch: list[_Pending] = []
         try:
+            # Keeping no history, the log holds only its last entry, too little to answer re-sent lines from: each
+            # line goes alone under its own message id.
+            most = MAX_BATCH_MESSAGES if self.history_limit else 1
             while followed.pending:
-                batch = _take(followed)
+                batch = _take(followed, most)
                 try:
                     await self._commit(room, followed, batch)
                 except Exception as error:
@@ -1212,11 +1215,11 @@ def _learn(followed: _Followed, entries: Sequence[tuple[Entry, str]]) -> None:
                 del recent[next(iter(recent))]
 
 
-def _take(followed: _Followed) -> list[_Pending]:
-    """The waiting appends the next entry holds, oldest first, within MAX_BATCH_MESSAGES and MAX_BATCH_BYTES."""
+def _take(followed: _Followed, most: int) -> list[_Pending]:
+    """The waiting appends the next entry holds, oldest first: at most `most`, and MAX_BATCH_BYTES unless just one."""
     size = 0
     taken = 0
-    for pending in followed.pending[:MAX_BATCH_MESSAGES]:
+    for pending in followed.pending[:most]:
         size += len(pending.row) + 1
         if taken and size > MAX_BATCH_BYTES:
             break
