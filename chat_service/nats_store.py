@@ -95,6 +95,9 @@ DEDUP_KEYS_KEPT = 1024
 # How long a group commit waits for the room's consumer to show the entries before the tail it found, before it
 # reads them itself: the consumer is there within milliseconds unless NATS moved and it is being made anew.
 CATCH_UP_SECONDS = 1.0
+# Rooms this process appends to without following them whose log's keys it keeps (tests and tools do that; the
+# server follows every room it has members in).
+UNFOLLOWED_WRITERS = 16
 # Tails fetched at once by list_rooms.
 TAIL_FETCHES = 32
 # JetStream's error codes for a failed Nats-Expected-Last-Subject-Sequence, and for a stream that exists with
@@ -233,6 +236,19 @@ class _Followed:
         self.writer: asyncio.Task[None] | None = None
 
 
+class _Unheard:
+    """The follower of a room appended to without following it: nothing reaches it."""
+
+    def logged(self, entry: Entry) -> None:
+        pass
+
+    def signalled(self, signal: Signal) -> None:
+        pass
+
+    def whispered(self, recipient_key: str, whisper: Whisper) -> None:
+        pass
+
+
 class _Held:
     """A seat this process claimed: live, or held for a resume until its expiry runs."""
 
@@ -330,6 +346,7 @@ class NatsStore:
         self._names_kv: KeyValue | None = None
         self._processes_kv: KeyValue | None = None
         self._followed: dict[str, _Followed] = {}
+        self._unfollowed: dict[str, _Followed] = {}
         self._held: dict[tuple[str, str], _Held] = {}
         # Live members per room uid, in this process: what the heartbeat tells the others.
         self._live: dict[str, int] = {}
@@ -472,7 +489,7 @@ class NatsStore:
         if record is None:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {name!r} does not exist")
         # The log decides who closes a room: RoomClosed goes in only after its last entry, and only once.
-        await self._log(record, RoomClosed(record.name, reason), "")
+        await self._log_closed(record, RoomClosed(record.name, reason))
         await self._forget(record)
         return record
 
@@ -501,7 +518,7 @@ class NatsStore:
         """Close a room nobody uses as KILLED; False if another process closed it first."""
         # Processes pruning or sweeping the same room at once: the log lets one of them close it.
         try:
-            await self._log(record, RoomClosed(record.name, CloseReason.KILLED), "")
+            await self._log_closed(record, RoomClosed(record.name, CloseReason.KILLED))
         except ChatError as error:
             if error.kind is not ErrorKind.ROOM_NOT_FOUND:
                 raise
@@ -768,11 +785,7 @@ class NatsStore:
 
     @_guarded
     async def append(self, room: RoomRecord, message: Message, dedup_key: str = "") -> Appended:
-        followed = self._followed.get(room.uid)
-        if followed is None:
-            kept, duplicate = await self._log(room, message, dedup_key)
-            assert isinstance(kept, Message)
-            return Appended(kept, duplicate)
+        followed = self._followed.get(room.uid) or await self._unfollowed_writer(room)
         if dedup_key and (logged := followed.recent.get(dedup_key)) is not None:
             return Appended(logged, True)
         pending = _Pending(message, dedup_key)
@@ -782,6 +795,17 @@ class NatsStore:
             self._tasks.add(followed.writer)
             followed.writer.add_done_callback(self._tasks.discard)
         return await pending.done
+
+    async def _unfollowed_writer(self, room: RoomRecord) -> _Followed:
+        """What appends to a room this process does not follow share: their group commits and the log's keys, read
+        from the stream rather than heard; kept for the UNFOLLOWED_WRITERS last rooms written."""
+        writer = self._unfollowed.pop(room.uid, None)
+        if writer is None:
+            writer = _Followed(room.uid, _Unheard(), await self._tail(room.uid))
+        self._unfollowed[room.uid] = writer
+        if len(self._unfollowed) > UNFOLLOWED_WRITERS:
+            del self._unfollowed[next(iter(self._unfollowed))]
+        return writer
 
     async def _write(self, room: RoomRecord, followed: _Followed) -> None:
         """Commit the room's waiting appends, as many as one entry holds at a time, until none waits: one round trip
@@ -847,6 +871,9 @@ class NatsStore:
             followed.known = max(followed.known, ack.seq)
             if self._followed.get(room.uid) is followed:
                 self._arrive(followed, seq, ack.seq, kept, local=True)
+            else:
+                followed.tail = _Tail(seq, ack.seq)
+                _learn(followed, kept)
             for pending, (message, _) in zip(fresh, kept, strict=True):
                 pending.settle(Appended(message, False))
             return
@@ -861,6 +888,12 @@ class NatsStore:
                     followed.caught_up.clear()
                     await followed.caught_up.wait()
         subject = _log_subject(followed.uid)
+        if followed.known == 0 < stream_seq:
+            # Nothing heard yet (a room written without following it): one read of the whole log beats one per entry.
+            scan = functools.partial(self._scan, LOG_STREAM, subject, api.DeliverPolicy.ALL)
+            for scanned in await self._patiently(scan):
+                _learn(followed, _decode_entries(scanned.data, _header_seq(scanned)))
+                followed.known = max(followed.known, scanned.metadata.sequence.stream)
         while followed.known < stream_seq:
             msg = await self._patiently(
                 functools.partial(self._js.get_msg, LOG_STREAM, seq=followed.known + 1, subject=subject, next=True)
@@ -874,31 +907,20 @@ class NatsStore:
                 _learn(followed, entries)
             followed.known = max(followed.known, msg.seq)
 
-    async def _log(self, room: RoomRecord, entry: Entry, dedup_key: str) -> tuple[Entry, bool]:
-        """Put `entry` alone after the room's last entry by compare-and-set, learning the real tail when another
-        process got in first; the same message id on every attempt makes a retry after a lost answer safe. Returns the
-        entry as kept, and whether its dedup key had been logged already. For rooms this process does not follow,
-        and for RoomClosed."""
+    async def _log_closed(self, room: RoomRecord, entry: RoomClosed) -> None:
+        """Put RoomClosed after the room's last entry by compare-and-set, learning the real tail when another process
+        got in first; the same message id on every attempt makes a retry after a lost answer safe."""
         followed = self._followed.get(room.uid)
         tail = followed.tail if followed is not None else await self._tail(room.uid)
-        message_id = f"{room.uid}.{dedup_key}" if dedup_key else secrets.token_hex(12)
-        if isinstance(entry, RoomClosed):
-            payload = _encode_closed(entry)
-        else:
-            payload = _encode_entry([_encode_message(entry, dedup_key)])
+        message_id = secrets.token_hex(12)
+        payload = _encode_closed(entry)
         for _ in range(CAS_ATTEMPTS):
             if tail.closed:
                 raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
-            if dedup_key:
-                # Read after the tail was: every key logged up to it is in the scan, group commits' keys included.
-                for logged, key in await self._logged(room.uid):
-                    if key == dedup_key and isinstance(logged, Message):
-                        return logged, True
-            seq = tail.seq + 1 if isinstance(entry, Message) else tail.seq
             headers = {
                 api.Header.MSG_ID: message_id,
                 api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(tail.stream_seq),
-                SEQ_HEADER: str(seq),
+                SEQ_HEADER: str(tail.seq),
             }
             try:
                 ack = await self._patiently(
@@ -909,12 +931,9 @@ class NatsStore:
                     raise
                 tail = await self._tail(room.uid)
                 continue
-            if ack.duplicate:
-                return (await self._entries(ack.seq))[-1][0], bool(dedup_key)
-            kept = replace(entry, seq=seq) if isinstance(entry, Message) else entry
             if followed is not None and self._followed.get(room.uid) is followed:
-                self._arrive(followed, seq, ack.seq, [(kept, dedup_key)], local=True)
-            return kept, False
+                self._arrive(followed, tail.seq, ack.seq, [(entry, "")], local=True)
+            return
         raise _unreachable()
 
     async def _patiently(self, request: Callable[[], Awaitable[R]]) -> R:
@@ -980,6 +999,7 @@ class NatsStore:
         tail = await self._tail(room.uid)
         if tail.closed:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
+        self._unfollowed.pop(room.uid, None)
         followed = self._followed[room.uid] = _Followed(room.uid, follower, tail)
         # From the log's oldest kept entry, not its tail: the entries before the tail teach the dedup keys logged,
         # and pass no further (their seqs were delivered).

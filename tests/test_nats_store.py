@@ -171,11 +171,14 @@ async def test_a_group_commit_answers_a_re_sent_line_from_the_log(nats: NatsNode
         )
         assert again[1].duplicate and again[1].message == said[2].message
         assert not any(appended.duplicate for appended in [*said, again[0], again[2]])
-        # A process that follows the room afterwards, as a resume on another server does, knows the key too.
+        # A process that does not follow the room, or follows it afterwards as a resume on another server does, reads
+        # the key from the log too.
         late = await open_store(nats)
+        outside = await late.append(room, line("ann", "c from outside"), dedup_key="ann/c")
         await late.follow(room, Recorder())
         resumed = await late.append(room, line("ann", "c once more"), dedup_key="ann/c")
-        assert resumed.duplicate and resumed.message == said[2].message
+        assert outside.duplicate and resumed.duplicate
+        assert outside.message == resumed.message == said[2].message
         texts = ["a", "b", "c", "d", "e", "f"]
         for recorder in heard:
             await recorder.until(lambda recorder=recorder: len(recorder.entries) == len(texts))  # type: ignore[misc]
