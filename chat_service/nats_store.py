@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
 
@@ -89,6 +89,17 @@ FAILOVER_PAUSE_SECONDS = 0.25
 # NATS's heartbeat on a followed room's consumer: two missed, the client makes the consumer anew from the last entry
 # it delivered (after NATS restarted, say). Shorter resumes sooner, but costs every followed room a message per beat.
 FOLLOW_HEARTBEAT_SECONDS = 2.0
+# A group commit's bounds: messages and encoded bytes in one log entry, well under NATS's 1 MiB payload limit.
+MAX_BATCH_MESSAGES = 256
+MAX_BATCH_BYTES = 256 * 1024
+# Dedup keys a followed room remembers from its log, as the in-memory store remembers per room.
+DEDUP_KEYS_KEPT = 1024
+# How long a group commit waits for the room's consumer to show the entries before the tail it found, before it
+# reads them itself: the consumer is there within milliseconds unless NATS moved and it is being made anew.
+CATCH_UP_SECONDS = 1.0
+# Rooms this process appends to without following them whose log's keys it keeps (tests and tools do that; the
+# server follows every room it has members in).
+UNFOLLOWED_WRITERS = 16
 # Tails fetched at once by list_rooms.
 TAIL_FETCHES = 32
 # JetStream's error codes for a failed Nats-Expected-Last-Subject-Sequence, and for a stream that exists with
@@ -172,10 +183,43 @@ class _SeatRecord:
         return cls(name, token, claim, holder, until, revision)
 
 
+class _Pending:
+    """An append waiting for its room's next group commit, its message already encoded as a log row."""
+
+    __slots__ = ("done", "key", "message", "row")
+
+    def __init__(self, message: Message, key: str) -> None:
+        self.message = message
+        self.key = key
+        self.row = _encode_message(message, key)
+        self.done: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+
+    def settle(self, result: Appended | BaseException) -> None:
+        """Answer the append, unless its caller has gone."""
+        if self.done.done():
+            return
+        if isinstance(result, Appended):
+            self.done.set_result(result)
+        else:
+            self.done.set_exception(result)
+
+
 class _Followed:
     """A room this process follows: its follower, subscriptions, the last entry delivered and the log's known tail."""
 
-    __slots__ = ("closed", "delivered", "follower", "subscriptions", "tail", "uid", "writing")
+    __slots__ = (
+        "caught_up",
+        "closed",
+        "delivered",
+        "follower",
+        "known",
+        "pending",
+        "recent",
+        "subscriptions",
+        "tail",
+        "uid",
+        "writer",
+    )
 
     def __init__(self, uid: str, follower: Follower, tail: _Tail) -> None:
         self.uid = uid
@@ -184,8 +228,27 @@ class _Followed:
         self.delivered = tail.seq
         self.closed = tail.closed
         self.subscriptions: list[Subscription | JetStreamContext.PushSubscription] = []
-        # This process's appends to the room take turns: racing each other they would only lose compare-and-sets.
-        self.writing = asyncio.Lock()
+        # The dedup keys of the room's recent messages, and the stream seq up to which every entry's keys are in it:
+        # an entry committed right after that one cannot repeat a key some process logged before.
+        self.recent: dict[str, Message] = {}
+        self.known = 0
+        self.caught_up = asyncio.Event()
+        # Group commit: while one entry is in flight the appends that arrive wait here, then go as the next entry.
+        self.pending: list[_Pending] = []
+        self.writer: asyncio.Task[None] | None = None
+
+
+class _Unheard:
+    """The follower of a room appended to without following it: nothing reaches it."""
+
+    def logged(self, entry: Entry) -> None:
+        pass
+
+    def signalled(self, signal: Signal) -> None:
+        pass
+
+    def whispered(self, recipient_key: str, whisper: Whisper) -> None:
+        pass
 
 
 class _Held:
@@ -199,18 +262,36 @@ class _Held:
         self.expiry: asyncio.TimerHandle | None = None
 
 
-def _encode_entry(entry: Message | RoomClosed) -> bytes:
-    if isinstance(entry, RoomClosed):
-        return json.dumps({"room": entry.room, "reason": entry.reason.name}).encode()
-    return json.dumps([entry.sender, entry.text, entry.sent_at_ns, entry.client_id, entry.action]).encode()
+def _encode_message(message: Message, key: str) -> bytes:
+    return json.dumps(
+        [message.sender, message.text, message.sent_at_ns, message.client_id, message.action, key]
+    ).encode()
 
 
-def _decode_entry(data: bytes, seq: int) -> Entry:
+def _encode_entry(rows: list[bytes]) -> bytes:
+    """One message's row is an entry by itself; several go in one entry, their seqs consecutive."""
+    return rows[0] if len(rows) == 1 else b'{"messages":[' + b",".join(rows) + b"]}"
+
+
+def _encode_closed(entry: RoomClosed) -> bytes:
+    return json.dumps({"room": entry.room, "reason": entry.reason.name}).encode()
+
+
+def _decode_entries(data: bytes, seq: int) -> list[tuple[Entry, str]]:
+    """A log entry's messages with their dedup keys, or its RoomClosed; `seq` (its header) is its last message's."""
     value = json.loads(data)
-    if isinstance(value, dict):
-        return RoomClosed(value["room"], CloseReason[value["reason"]])
-    sender, text, sent_at_ns, client_id, action = value
-    return Message(seq, sender, text, sent_at_ns, client_id, action)
+    if isinstance(value, dict) and "messages" not in value:
+        return [(RoomClosed(value["room"], CloseReason[value["reason"]]), "")]
+    rows = value["messages"] if isinstance(value, dict) else [value]
+    first = seq - len(rows) + 1
+    return [
+        (Message(first + n, sender, text, sent_at_ns, client_id, action), key[0] if key else "")
+        for n, (sender, text, sent_at_ns, client_id, action, *key) in enumerate(rows)
+    ]
+
+
+def _header_seq(msg: Msg | api.RawStreamMsg) -> int:
+    return int((msg.headers or {}).get(SEQ_HEADER, 0))
 
 
 def _encode_signal(origin: str, signal: Signal) -> bytes:
@@ -267,6 +348,7 @@ class NatsStore:
         self._names_kv: KeyValue | None = None
         self._processes_kv: KeyValue | None = None
         self._followed: dict[str, _Followed] = {}
+        self._unfollowed: dict[str, _Followed] = {}
         self._held: dict[tuple[str, str], _Held] = {}
         # Live members per room uid, in this process: what the heartbeat tells the others.
         self._live: dict[str, int] = {}
@@ -412,7 +494,7 @@ class NatsStore:
         if record is None:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {name!r} does not exist")
         # The log decides who closes a room: RoomClosed goes in only after its last entry, and only once.
-        await self._log(record, RoomClosed(record.name, reason), "")
+        await self._log_closed(record, RoomClosed(record.name, reason))
         await self._forget(record)
         return record
 
@@ -441,7 +523,7 @@ class NatsStore:
         """Close a room nobody uses as KILLED; False if another process closed it first."""
         # Processes pruning or sweeping the same room at once: the log lets one of them close it.
         try:
-            await self._log(record, RoomClosed(record.name, CloseReason.KILLED), "")
+            await self._log_closed(record, RoomClosed(record.name, CloseReason.KILLED))
         except ChatError as error:
             if error.kind is not ErrorKind.ROOM_NOT_FOUND:
                 raise
@@ -708,31 +790,142 @@ class NatsStore:
 
     @_guarded
     async def append(self, room: RoomRecord, message: Message, dedup_key: str = "") -> Appended:
-        followed = self._followed.get(room.uid)
-        if followed is None:
-            kept, duplicate = await self._log(room, message, dedup_key)
-        else:
-            async with followed.writing:
-                kept, duplicate = await self._log(room, message, dedup_key)
-        assert isinstance(kept, Message)
-        return Appended(kept, duplicate)
+        followed = self._followed.get(room.uid) or await self._unfollowed_writer(room)
+        if dedup_key and (logged := followed.recent.get(dedup_key)) is not None:
+            return Appended(logged, True)
+        pending = _Pending(message, dedup_key)
+        followed.pending.append(pending)
+        if followed.writer is None:
+            followed.writer = asyncio.get_running_loop().create_task(self._write(room, followed))
+            self._tasks.add(followed.writer)
+            followed.writer.add_done_callback(self._tasks.discard)
+        return await pending.done
 
-    async def _log(self, room: RoomRecord, entry: Entry, dedup_key: str) -> tuple[Entry, bool]:
-        """Put `entry` after the room's last entry by compare-and-set, learning the real tail when another process
-        got in first; the same message id on every attempt makes a retry after a lost answer safe. Returns the entry
-        as kept, and whether its dedup key had been logged already."""
-        followed = self._followed.get(room.uid)
-        tail = followed.tail if followed is not None else await self._tail(room.uid)
-        message_id = f"{room.uid}.{dedup_key}" if dedup_key else secrets.token_hex(12)
-        payload = _encode_entry(entry)
+    async def _unfollowed_writer(self, room: RoomRecord) -> _Followed:
+        """What appends to a room this process does not follow share: their group commits and the log's keys, read
+        from the stream rather than heard; kept for the UNFOLLOWED_WRITERS last rooms written."""
+        writer = self._unfollowed.pop(room.uid, None)
+        if writer is None:
+            writer = _Followed(room.uid, _Unheard(), await self._tail(room.uid))
+        self._unfollowed[room.uid] = writer
+        if len(self._unfollowed) > UNFOLLOWED_WRITERS:
+            del self._unfollowed[next(iter(self._unfollowed))]
+        return writer
+
+    async def _write(self, room: RoomRecord, followed: _Followed) -> None:
+        """Commit the room's waiting appends, as many as one entry holds at a time, until none waits: one round trip
+        to JetStream per entry, and the entry's messages reach the fan-out together (measured in bench/README)."""
+        batch: list[_Pending] = []
+        try:
+            # Keeping no history, the log holds only its last entry, too little to answer re-sent lines from: each
+            # line goes alone under its own message id.
+            most = MAX_BATCH_MESSAGES if self.history_limit else 1
+            while followed.pending:
+                batch = _take(followed, most)
+                try:
+                    await self._commit(room, followed, batch)
+                except Exception as error:
+                    for pending in batch:
+                        pending.settle(error)
+        finally:
+            followed.writer = None
+            # Cancelled as the store closes: the callers still waiting hear that the store is gone.
+            for pending in batch + followed.pending:
+                pending.settle(_unreachable())
+            followed.pending = []
+
+    async def _commit(self, room: RoomRecord, followed: _Followed, batch: list[_Pending]) -> None:
+        """Log `batch` as one entry after the room's last by compare-and-set; a line whose dedup key the log holds
+        already is answered with the message logged then. A retry after a lost answer goes under the same message id,
+        so JetStream keeps the entry once."""
+        tail = followed.tail
         for _ in range(CAS_ATTEMPTS):
             if tail.closed:
                 raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
-            seq = tail.seq + 1 if isinstance(entry, Message) else tail.seq
+            await self._catch_up(followed, tail.stream_seq)
+            fresh = _fresh(followed, batch)
+            if not fresh:
+                return
+            # A lone keyed line keeps JetStream's de-duplication too, which outlasts the keys the log still holds.
+            alone = len(fresh) == 1 and fresh[0].key
+            message_id = f"{room.uid}.{fresh[0].key}" if alone else secrets.token_hex(12)
+            seq = tail.seq + len(fresh)
             headers = {
                 api.Header.MSG_ID: message_id,
                 api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(tail.stream_seq),
                 SEQ_HEADER: str(seq),
+            }
+            payload = _encode_entry([pending.row for pending in fresh])
+            try:
+                ack = await self._patiently(
+                    functools.partial(self._js.publish, _log_subject(room.uid), payload, headers=headers)
+                )
+            except nats.js.errors.APIError as error:
+                if error.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+                tail = await self._tail(room.uid)
+                continue
+            if ack.duplicate and alone:
+                for entry, key in await self._entries(ack.seq):
+                    if key == fresh[0].key and isinstance(entry, Message):
+                        fresh[0].settle(Appended(entry, True))
+                        return
+                raise _unreachable()
+            kept = [(replace(pending.message, seq=tail.seq + 1 + n), pending.key) for n, pending in enumerate(fresh)]
+            # Every entry up to the tail compared against was known, and this one follows it.
+            followed.known = max(followed.known, ack.seq)
+            if self._followed.get(room.uid) is followed:
+                self._arrive(followed, seq, ack.seq, kept, local=True)
+            else:
+                followed.tail = _Tail(seq, ack.seq)
+                _learn(followed, kept)
+            for pending, (message, _) in zip(fresh, kept, strict=True):
+                pending.settle(Appended(message, False))
+            return
+        raise _unreachable()
+
+    async def _catch_up(self, followed: _Followed, stream_seq: int) -> None:
+        """Learn the dedup keys of every entry up to `stream_seq`: from the room's consumer, or, while it lags (being
+        made anew after NATS moved, say), read from the stream."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CATCH_UP_SECONDS):
+                while followed.known < stream_seq and self._followed.get(followed.uid) is followed:
+                    followed.caught_up.clear()
+                    await followed.caught_up.wait()
+        subject = _log_subject(followed.uid)
+        if followed.known == 0 < stream_seq:
+            # Nothing heard yet (a room written without following it): one read of the whole log beats one per entry.
+            scan = functools.partial(self._scan, LOG_STREAM, subject, api.DeliverPolicy.ALL)
+            for scanned in await self._patiently(scan):
+                _learn(followed, _decode_entries(scanned.data, _header_seq(scanned)))
+                followed.known = max(followed.known, scanned.metadata.sequence.stream)
+        while followed.known < stream_seq:
+            msg = await self._patiently(
+                functools.partial(self._js.get_msg, LOG_STREAM, seq=followed.known + 1, subject=subject, next=True)
+            )
+            assert msg.seq is not None and msg.data is not None
+            seq = _header_seq(msg)
+            entries = _decode_entries(msg.data, seq)
+            if self._followed.get(followed.uid) is followed:
+                self._arrive(followed, seq, msg.seq, entries, local=False)
+            else:
+                _learn(followed, entries)
+            followed.known = max(followed.known, msg.seq)
+
+    async def _log_closed(self, room: RoomRecord, entry: RoomClosed) -> None:
+        """Put RoomClosed after the room's last entry by compare-and-set, learning the real tail when another process
+        got in first; the same message id on every attempt makes a retry after a lost answer safe."""
+        followed = self._followed.get(room.uid)
+        tail = followed.tail if followed is not None else await self._tail(room.uid)
+        message_id = secrets.token_hex(12)
+        payload = _encode_closed(entry)
+        for _ in range(CAS_ATTEMPTS):
+            if tail.closed:
+                raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
+            headers = {
+                api.Header.MSG_ID: message_id,
+                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(tail.stream_seq),
+                SEQ_HEADER: str(tail.seq),
             }
             try:
                 ack = await self._patiently(
@@ -743,12 +936,9 @@ class NatsStore:
                     raise
                 tail = await self._tail(room.uid)
                 continue
-            if ack.duplicate:
-                return await self._entry(ack.seq), bool(dedup_key)
-            kept = replace(entry, seq=seq) if isinstance(entry, Message) else entry
             if followed is not None and self._followed.get(room.uid) is followed:
-                self._arrive(followed, seq, ack.seq, kept, local=True)
-            return kept, False
+                self._arrive(followed, tail.seq, ack.seq, [(entry, "")], local=True)
+            return
         raise _unreachable()
 
     async def _patiently(self, request: Callable[[], Awaitable[R]]) -> R:
@@ -774,13 +964,20 @@ class NatsStore:
         except nats.js.errors.NotFoundError:
             return _Tail(0, 0)
         assert msg.seq is not None and msg.data is not None
-        seq = int((msg.headers or {}).get(SEQ_HEADER, 0))
-        return _Tail(seq, msg.seq, isinstance(_decode_entry(msg.data, seq), RoomClosed))
+        seq = _header_seq(msg)
+        return _Tail(seq, msg.seq, isinstance(_decode_entries(msg.data, seq)[-1][0], RoomClosed))
 
-    async def _entry(self, stream_seq: int) -> Entry:
+    async def _entries(self, stream_seq: int) -> list[tuple[Entry, str]]:
         msg = await self._js.get_msg(LOG_STREAM, seq=stream_seq)
         assert msg.data is not None
-        return _decode_entry(msg.data, int((msg.headers or {}).get(SEQ_HEADER, 0)))
+        return _decode_entries(msg.data, _header_seq(msg))
+
+    async def _logged(self, uid: str) -> list[tuple[Entry, str]]:
+        """Every entry the room's log keeps, oldest first, each message with its dedup key."""
+        msgs = await self._patiently(
+            functools.partial(self._scan, LOG_STREAM, _log_subject(uid), api.DeliverPolicy.ALL)
+        )
+        return [logged for msg in msgs for logged in _decode_entries(msg.data, _header_seq(msg))]
 
     @_guarded
     async def read(self, room: RoomRecord, *, after: int | None = None, last: int = 0) -> Backlog:
@@ -790,11 +987,9 @@ class NatsStore:
         wanted = tail.seq - min(max(after, 0), tail.seq) if after is not None else min(max(last, 0), tail.seq)
         if wanted == 0 or self.history_limit == 0:
             return Backlog([], wanted if after is not None else 0, tail.seq)
+        # The stream's limit counts entries, and a group commit's entry holds several messages: count them here.
         kept = [
-            entry
-            for msg in await self._scan(LOG_STREAM, _log_subject(room.uid), api.DeliverPolicy.ALL)
-            if isinstance(entry := _decode_entry(msg.data, int((msg.headers or {}).get(SEQ_HEADER, 0))), Message)
-            and entry.seq <= tail.seq
+            entry for entry, _ in await self._logged(room.uid) if isinstance(entry, Message) and entry.seq <= tail.seq
         ][-self.history_limit :]
         messages = kept[-wanted:] if wanted else []
         lost = wanted - len(messages) if after is not None else 0
@@ -809,18 +1004,19 @@ class NatsStore:
         tail = await self._tail(room.uid)
         if tail.closed:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
+        self._unfollowed.pop(room.uid, None)
         followed = self._followed[room.uid] = _Followed(room.uid, follower, tail)
-        if tail.stream_seq:
-            config = api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=tail.stream_seq + 1
-            )
-        else:
-            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        # From the log's oldest kept entry, not its tail: the entries before the tail teach the dedup keys logged,
+        # and pass no further (their seqs were delivered).
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
 
         async def logged(msg: Msg) -> None:
             if self._followed.get(room.uid) is followed:
-                seq = int((msg.headers or {}).get(SEQ_HEADER, 0))
-                self._arrive(followed, seq, msg.metadata.sequence.stream, _decode_entry(msg.data, seq), local=False)
+                seq = _header_seq(msg)
+                stream_seq = msg.metadata.sequence.stream
+                self._arrive(followed, seq, stream_seq, _decode_entries(msg.data, seq), local=False)
+                followed.known = max(followed.known, stream_seq)
+                followed.caught_up.set()
 
         async def signalled(msg: Msg) -> None:
             origin, signal = _decode_signal(msg.data)
@@ -861,12 +1057,20 @@ class NatsStore:
             raise
         return tail.seq
 
-    def _arrive(self, followed: _Followed, seq: int, stream_seq: int, entry: Entry, *, local: bool) -> None:
-        """Pass a log entry to the follower once, in order: an append's own entry goes at once when every entry
-        before it has, or else comes with the rest from the consumer."""
-        closed = isinstance(entry, RoomClosed)
+    def _arrive(
+        self, followed: _Followed, seq: int, stream_seq: int, entries: Sequence[tuple[Entry, str]], *, local: bool
+    ) -> None:
+        """Learn a log entry's dedup keys and pass its messages to the follower once, in order: an append's own go at
+        once when every entry before them has, or else come with the rest from the consumer."""
+        closed = isinstance(entries[-1][0], RoomClosed)
         if stream_seq > followed.tail.stream_seq:
             followed.tail = _Tail(seq, stream_seq, closed)
+        _learn(followed, entries)
+        for entry, _ in entries:
+            self._pass(followed, entry.seq if isinstance(entry, Message) else seq, entry, local=local)
+
+    def _pass(self, followed: _Followed, seq: int, entry: Entry, *, local: bool) -> None:
+        closed = isinstance(entry, RoomClosed)
         if followed.closed:
             return
         if closed:
@@ -893,6 +1097,8 @@ class NatsStore:
         followed = self._followed.pop(uid, None)
         if followed is None:
             return
+        # A group commit waiting for this room's consumer stops waiting.
+        followed.caught_up.set()
         for subscription in followed.subscriptions:
             try:
                 await subscription.unsubscribe()
@@ -1026,6 +1232,51 @@ class NatsStore:
                 log.debug("The heartbeat was not removed: %s", error)
         self._closed = True
         await self._nc.close()
+
+
+def _learn(followed: _Followed, entries: Sequence[tuple[Entry, str]]) -> None:
+    """Remember the dedup keys of a log entry's messages, the oldest forgotten past DEDUP_KEYS_KEPT."""
+    recent = followed.recent
+    for entry, key in entries:
+        if key and isinstance(entry, Message):
+            recent[key] = entry
+            if len(recent) > DEDUP_KEYS_KEPT:
+                del recent[next(iter(recent))]
+
+
+def _take(followed: _Followed, most: int) -> list[_Pending]:
+    """The waiting appends the next entry holds, oldest first: at most `most`, and MAX_BATCH_BYTES unless just one."""
+    size = 0
+    taken = 0
+    for pending in followed.pending[:most]:
+        size += len(pending.row) + 1
+        if taken and size > MAX_BATCH_BYTES:
+            break
+        taken += 1
+    batch, followed.pending = followed.pending[:taken], followed.pending[taken:]
+    return batch
+
+
+def _fresh(followed: _Followed, batch: list[_Pending]) -> list[_Pending]:
+    """The appends of `batch` to log: a line whose key the log holds is answered from there, one whose key an earlier
+    line of the batch carries waits for the next entry (and is answered from this one), one whose caller left goes."""
+    fresh = []
+    keys = set()
+    later = []
+    for pending in batch:
+        if pending.done.done():
+            continue
+        logged = followed.recent.get(pending.key) if pending.key else None
+        if logged is not None:
+            pending.settle(Appended(logged, True))
+        elif pending.key in keys:
+            later.append(pending)
+        else:
+            if pending.key:
+                keys.add(pending.key)
+            fresh.append(pending)
+    followed.pending[:0] = later
+    return fresh
 
 
 def _deleted(msg: Msg) -> bool:

@@ -151,6 +151,49 @@ async def test_a_dedup_key_logs_a_message_once(stores: tuple[NatsStore, NatsStor
     assert (await second.read(room, last=10)).messages == [kept.message]
 
 
+async def test_a_group_commit_answers_a_re_sent_line_from_the_log(nats: NatsNode) -> None:
+    first, second = await open_store(nats), await open_store(nats)
+    late = None
+    try:
+        room = await first.create_room("batched")
+        heard = Recorder(), Recorder()
+        await first.follow(room, heard[0])
+        await second.follow(room, heard[1])
+        # Appends made together while none is in flight go as one entry: JetStream's message id names the entry,
+        # not the line, so only the log can tell that a line in it comes again.
+        said = await asyncio.gather(
+            *(first.append(room, line("ann", text), dedup_key=f"ann/{text}") for text in ("a", "b", "c", "d"))
+        )
+        again = await asyncio.gather(
+            second.append(room, line("bob", "e"), dedup_key="bob/e"),
+            second.append(room, line("ann", "c re-sent"), dedup_key="ann/c"),
+            second.append(room, line("bob", "f"), dedup_key="bob/f"),
+        )
+        assert again[1].duplicate and again[1].message == said[2].message
+        assert not any(appended.duplicate for appended in [*said, again[0], again[2]])
+        # A process that does not follow the room, or follows it afterwards as a resume on another server does, reads
+        # the key from the log too.
+        late = await open_store(nats)
+        outside = await late.append(room, line("ann", "c from outside"), dedup_key="ann/c")
+        await late.follow(room, Recorder())
+        resumed = await late.append(room, line("ann", "c once more"), dedup_key="ann/c")
+        assert outside.duplicate and resumed.duplicate
+        assert outside.message == resumed.message == said[2].message
+        texts = ["a", "b", "c", "d", "e", "f"]
+        for recorder in heard:
+            await recorder.until(lambda recorder=recorder: len(recorder.entries) == len(texts))  # type: ignore[misc]
+            assert recorder.seqs() == list(range(1, len(texts) + 1))
+            assert [entry.text for entry in recorder.entries if isinstance(entry, Message)] == texts
+        backlog = await first.read(room, after=1)
+        assert [message.text for message in backlog.messages] == texts[1:] and backlog.lost == 0
+        info = await first._js.stream_info("CHAT_LOG", subjects_filter=f"chat.log.{room.uid}")
+        assert info.state.subjects is not None and info.state.subjects[f"chat.log.{room.uid}"] < len(texts)
+    finally:
+        for store in (first, second, late):
+            if store is not None:
+                await store.close()
+
+
 async def test_read_gives_the_newest_or_what_followed_a_seq(nats: NatsNode) -> None:
     store = await open_store(nats, history_limit=5)
     try:
