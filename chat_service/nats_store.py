@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
@@ -97,6 +98,10 @@ DEDUP_KEYS_KEPT = 1024
 # How long a group commit waits for the room's consumer to show the entries before the tail it found, before it
 # reads them itself: the consumer is there within milliseconds unless NATS moved and it is being made anew.
 CATCH_UP_SECONDS = 1.0
+# Messages a followed room keeps in this process for reads. A resume, and a join catching up with what this process
+# has sent live, want the last few: kept here they cost no scan of the room's log, which under load took longer than
+# the room took to say more, so that busy rooms could not be joined. Older reads scan the log as before.
+READ_CACHE_MESSAGES = 128
 # Rooms this process appends to without following them whose log's keys it keeps (tests and tools do that; the
 # server follows every room it has members in).
 UNFOLLOWED_WRITERS = 16
@@ -208,6 +213,8 @@ class _Followed:
     """A room this process follows: its follower, subscriptions, the last entry delivered and the log's known tail."""
 
     __slots__ = (
+        "arrived",
+        "cache",
         "caught_up",
         "closed",
         "delivered",
@@ -221,10 +228,13 @@ class _Followed:
         "writer",
     )
 
-    def __init__(self, uid: str, follower: Follower, tail: _Tail) -> None:
+    def __init__(self, uid: str, follower: Follower, tail: _Tail, cached: int) -> None:
         self.uid = uid
         self.follower = follower
         self.tail = tail
+        # The room's latest messages heard, consecutive, and an event set whenever an entry is heard.
+        self.cache: deque[Message] = deque(maxlen=cached)
+        self.arrived = asyncio.Event()
         self.delivered = tail.seq
         self.closed = tail.closed
         self.subscriptions: list[Subscription | JetStreamContext.PushSubscription] = []
@@ -288,6 +298,36 @@ def _decode_entries(data: bytes, seq: int) -> list[tuple[Entry, str]]:
         (Message(first + n, sender, text, sent_at_ns, client_id, action), key[0] if key else "")
         for n, (sender, text, sent_at_ns, client_id, action, *key) in enumerate(rows)
     ]
+
+
+def _cache(followed: _Followed, entries: Sequence[tuple[Entry, str]]) -> None:
+    """Keep an entry's messages among the room's latest, which stay consecutive: after a gap they start again."""
+    cache = followed.cache
+    for entry, _ in entries:
+        if isinstance(entry, Message) and cache.maxlen:
+            if cache and entry.seq <= cache[-1].seq:
+                continue
+            if cache and entry.seq != cache[-1].seq + 1:
+                cache.clear()
+            cache.append(entry)
+    followed.arrived.set()
+
+
+async def _cached(followed: _Followed, first: int, last: int) -> list[Message] | None:
+    """Messages `first` to `last` from the room's latest heard here, once heard (waiting a moment for them); None if
+    they are not all kept here."""
+    cache = followed.cache
+    deadline = asyncio.get_running_loop().time() + CATCH_UP_SECONDS
+    while not cache or cache[-1].seq < last:
+        followed.arrived.clear()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await followed.arrived.wait()
+        except TimeoutError:
+            return None
+    if cache[0].seq > max(first, 1):
+        return None
+    return [message for message in cache if first <= message.seq <= last]
 
 
 def _header_seq(msg: Msg | api.RawStreamMsg) -> int:
@@ -806,7 +846,7 @@ class NatsStore:
         from the stream rather than heard; kept for the UNFOLLOWED_WRITERS last rooms written."""
         writer = self._unfollowed.pop(room.uid, None)
         if writer is None:
-            writer = _Followed(room.uid, _Unheard(), await self._tail(room.uid))
+            writer = _Followed(room.uid, _Unheard(), await self._tail(room.uid), 0)
         self._unfollowed[room.uid] = writer
         if len(self._unfollowed) > UNFOLLOWED_WRITERS:
             del self._unfollowed[next(iter(self._unfollowed))]
@@ -987,6 +1027,11 @@ class NatsStore:
         wanted = tail.seq - min(max(after, 0), tail.seq) if after is not None else min(max(last, 0), tail.seq)
         if wanted == 0 or self.history_limit == 0:
             return Backlog([], wanted if after is not None else 0, tail.seq)
+        followed = self._followed.get(room.uid)
+        if followed is not None and (cached := await _cached(followed, tail.seq - wanted + 1, tail.seq)) is not None:
+            return Backlog(
+                cached[-self.history_limit :], max(wanted - len(cached), 0) if after is not None else 0, tail.seq
+            )
         # The stream's limit counts entries, and a group commit's entry holds several messages: count them here.
         kept = [
             entry for entry, _ in await self._logged(room.uid) if isinstance(entry, Message) and entry.seq <= tail.seq
@@ -1005,7 +1050,9 @@ class NatsStore:
         if tail.closed:
             raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
         self._unfollowed.pop(room.uid, None)
-        followed = self._followed[room.uid] = _Followed(room.uid, follower, tail)
+        followed = self._followed[room.uid] = _Followed(
+            room.uid, follower, tail, min(READ_CACHE_MESSAGES, self.history_limit)
+        )
         # From the log's oldest kept entry, not its tail: the entries before the tail teach the dedup keys logged,
         # and pass no further (their seqs were delivered).
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
@@ -1066,6 +1113,7 @@ class NatsStore:
         if stream_seq > followed.tail.stream_seq:
             followed.tail = _Tail(seq, stream_seq, closed)
         _learn(followed, entries)
+        _cache(followed, entries)
         for entry, _ in entries:
             self._pass(followed, entry.seq if isinstance(entry, Message) else seq, entry, local=local)
 
