@@ -17,6 +17,7 @@ from chat_service.errors import ChatError, ErrorKind
 from chat_service.events import CloseReason, Message, RoomClosed, RoomInfo, Whisper
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, History, HistoryBudget
 from chat_service.store import (
+    DEDUP_KEYS_KEPT,
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_ROOMS,
     Appended,
@@ -32,10 +33,6 @@ from chat_service.store import (
 from chat_service.validation import name_key
 
 log = logging.getLogger(__name__)
-
-# Dedup keys a room remembers, newest first kept: a client re-sends within seconds of reconnecting, long before a
-# room has had this many lines with client ids since.
-DEDUP_KEYS_KEPT = 1024
 
 
 def message_size(message: Message) -> int:

@@ -44,6 +44,7 @@ from chat_service.events import (
 )
 from chat_service.history import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES
 from chat_service.store import (
+    DEDUP_KEYS_KEPT,
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_ROOMS,
     DEFAULT_RESUME_GRACE_SECONDS,
@@ -93,8 +94,6 @@ FOLLOW_HEARTBEAT_SECONDS = 2.0
 # A group commit's bounds: messages and encoded bytes in one log entry, well under NATS's 1 MiB payload limit.
 MAX_BATCH_MESSAGES = 256
 MAX_BATCH_BYTES = 256 * 1024
-# Dedup keys a followed room remembers from its log, as the in-memory store remembers per room.
-DEDUP_KEYS_KEPT = 1024
 # How long a group commit waits for the room's consumer to show the entries before the tail it found, before it
 # reads them itself: the consumer is there within milliseconds unless NATS moved and it is being made anew.
 CATCH_UP_SECONDS = 1.0

@@ -25,6 +25,9 @@ DEFAULT_MAX_ROOMS = 10_000
 # Names held server-wide, by members (an idle one costs about 30 KiB) and for resumes.
 DEFAULT_MAX_MEMBERS = 50_000
 DEFAULT_RESUME_GRACE_SECONDS = 30.0
+# Dedup keys a room remembers, the newest kept: a client re-sends within seconds of reconnecting, long before a room
+# has had this many lines with client ids since.
+DEDUP_KEYS_KEPT = 1024
 
 
 @dataclass(frozen=True, slots=True)
