@@ -402,6 +402,8 @@ class NatsStore:
         self._sweep: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # The processes alive at the last beat, to notice one whose heartbeat aged out.
+        self._alive_at_beat: set[str] = set()
 
     @property
     def available(self) -> bool:
@@ -1197,9 +1199,25 @@ class NatsStore:
             try:
                 await self._heartbeat()
                 self._room_count = (await self._kv(self._rooms_kv).status()).values
+                if self._followed:
+                    await self._notice_departed()
             except (TimeoutError, nats.errors.Error) as error:
                 # The connection's own callbacks tell the operator NATS is away; this says only what it cost.
                 log.debug("A heartbeat was not sent: %s", error)
+
+    async def _notice_departed(self) -> None:
+        """Tell the rooms followed here that the live members of a process whose heartbeat aged out have left: it
+        died, so nobody else will."""
+        alive = set(await self._processes())
+        gone, self._alive_at_beat = self._alive_at_beat - alive, alive
+        if not gone:
+            return
+        for uid, followed in list(self._followed.items()):
+            subject = f"$KV.{NAMES_BUCKET}.{uid}.>"
+            for msg in await self._scan(f"KV_{NAMES_BUCKET}", subject, api.DeliverPolicy.LAST_PER_SUBJECT):
+                seat = None if _deleted(msg) else _SeatRecord.parse(msg.data, msg.metadata.sequence.stream)
+                if seat is not None and seat.holder in gone and self._followed.get(uid) is followed:
+                    followed.follower.signalled(MemberLeft(seat.name, LeaveReason.DISCONNECTED))
 
     async def _scan(self, stream: str, subject: str, policy: api.DeliverPolicy) -> list[Msg]:
         """Every message on `subject` (or the last on each subject it matches), read through a short-lived

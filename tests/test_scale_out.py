@@ -272,6 +272,23 @@ async def test_members_of_a_killed_server_resume_on_the_other_with_no_gap_or_dup
         victim.stop()
 
 
+async def test_the_members_of_a_server_that_died_are_seen_to_leave_on_the_others(
+    pair: list[ServerProcess], shared_nats: NatsNode, tmp_path: Path
+) -> None:
+    victim = await asyncio.to_thread(serve, tmp_path / "victim", shared_nats.url)
+    try:
+        async with stubs(pair[0], victim) as (alive, doomed):
+            ann, _ = await Stream.joined(alive, "haunted", "ann", create=True)
+            await Stream.joined(doomed, "haunted", "bob")
+            assert (await ann.next_of("member_joined", WAIT)).member_joined.name == "bob"
+            victim.process.kill()
+            # Nobody is left on the dead server to say bob went: the survivor notices its heartbeat age out.
+            left = (await ann.next_of("member_left", WAIT)).member_left
+            assert (left.name, left.reason) == ("bob", pb.LEAVE_REASON_DISCONNECTED)
+    finally:
+        victim.stop()
+
+
 async def test_rooms_history_and_resume_outlive_a_restart_of_every_server(tmp_path: Path) -> None:
     async with nats_node(tmp_path / "jetstream") as node:
         servers = [serve(tmp_path / f"state-{n}", node.url) for n in range(2)]
