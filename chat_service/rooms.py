@@ -280,7 +280,7 @@ class Member(Generic[T]):
         check_text(text)
         registry = self._registry
         # The store logs a line once per key: a client re-sending after a reconnect gets the original back.
-        dedup_key = f"{room.record.uid}\0{self._seat.key}\0{check_client_id(client_id)}" if client_id else ""
+        dedup_key = self._sent_key(room, client_id)
         message = Message(0, self._seat.name, text, time.time_ns(), client_id, action)
         appended = await registry.store.append(room.record, message, dedup_key)
         if appended.duplicate:
@@ -295,12 +295,10 @@ class Member(Generic[T]):
         room = self._joined_room()
         check_text(text)
         registry = self._registry
-        sent_key = ""
-        if client_id:
-            sent_key = f"{room.record.uid}\0{self._seat.key}\0{check_client_id(client_id)}"
-            if (sent := registry.whispers_sent.get(sent_key)) is not None:
-                self.push(sent)
-                return
+        sent_key = self._sent_key(room, client_id)
+        if sent_key and (sent := registry.whispers_sent.get(sent_key)) is not None:
+            self.push(sent)
+            return
         whisper = Whisper(self._seat.name, recipient, text, time.time_ns(), client_id)
         held = await registry.store.whisper(room.record, recipient, whisper)
         registry.stats.received["whisper"] += 1
@@ -309,6 +307,10 @@ class Member(Generic[T]):
             self.push(echo)
         if sent_key:
             registry.remember_whisper(sent_key, echo)
+
+    def _sent_key(self, room: _Local[T], client_id: str) -> str:
+        """What names a line this member sent under `client_id` in this room, for any server; empty without an id."""
+        return f"{room.record.uid}\0{self._seat.key}\0{check_client_id(client_id)}" if client_id else ""
 
     async def leave(self, reason: LeaveReason = LeaveReason.LEFT) -> None:
         room = self._room
