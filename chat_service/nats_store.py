@@ -1420,7 +1420,7 @@ async def connect(
     )
     handlers["store"] = store
     try:
-        await store.start()
+        await _start(store)
     except nats.js.errors.ServiceUnavailableError as error:
         await connection.close()
         raise ChatError(
@@ -1434,3 +1434,17 @@ async def connect(
         await connection.close()
         raise
     return store
+
+
+async def _start(store: NatsStore) -> None:
+    """Set the store up, asking again while a cluster that has just started elects its JetStream leader: its
+    servers answer health checks a moment before JetStream answers requests."""
+    deadline = asyncio.get_running_loop().time() + FAILOVER_SECONDS
+    while True:
+        try:
+            await store.start()
+            return
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(FAILOVER_PAUSE_SECONDS)
