@@ -404,6 +404,10 @@ class NatsStore:
         self._closed = False
         # The processes alive at the last beat, to notice one whose heartbeat aged out.
         self._alive_at_beat: set[str] = set()
+        # NATS away longer than the liveness span ages out every heartbeat, the live processes' too. Until each has
+        # had a span to beat again after a reconnection, the processes last seen alive count as alive still.
+        self._seen: dict[str, dict[str, int]] = {}
+        self._beats_trusted_from = 0.0
 
     @property
     def available(self) -> bool:
@@ -614,8 +618,10 @@ class NatsStore:
             f"KV_{PROCESSES_BUCKET}", f"$KV.{PROCESSES_BUCKET}.>", api.DeliverPolicy.LAST_PER_SUBJECT
         )
         processes = {msg.subject.rsplit(".", 1)[1]: json.loads(msg.data) for msg in beats if not _deleted(msg)}
-        processes[self.process] = dict(self._live)
-        return processes
+        if time.monotonic() < self._beats_trusted_from:
+            processes = self._seen | processes
+        self._seen = processes
+        return processes | {self.process: dict(self._live)}
 
     async def _live_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -813,7 +819,7 @@ class NatsStore:
         try:
             await self._kv(self._processes_kv).get(process)
         except nats.js.errors.KeyNotFoundError:
-            return False
+            return time.monotonic() < self._beats_trusted_from and process in self._seen
         return True
 
     async def _taken(self, room: RoomRecord, seat: _SeatRecord, wanted: str) -> str:
@@ -1258,6 +1264,7 @@ class NatsStore:
         url = self._nc.connected_url
         log.warning("Reconnected to the message store (NATS) at %s", url.netloc if url is not None else "?")
         self._connected.set()
+        self._beats_trusted_from = time.monotonic() + self.liveness
         self._beat.set()
         self._changed()
 
