@@ -126,7 +126,11 @@ class NatsServer(_Process):
         self.store_dir = tempfile.mkdtemp(prefix="bench-nats-")
         self.port, monitor = _free_port(), _free_port()
         args = ["--addr", "127.0.0.1", "--port", str(self.port), "--http_port", str(monitor)]
-        super().__init__("nats-server", [*args, "--jetstream", "--store_dir", self.store_dir])
+        try:
+            super().__init__("nats-server", [*args, "--jetstream", "--store_dir", self.store_dir])
+        except ServerError:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            raise
         self.await_ready(lambda: _healthy(f"http://127.0.0.1:{monitor}/healthz"))
 
     def close(self) -> None:
