@@ -66,26 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this shape or group")
     parser.add_argument("--runs", type=int, default=1, help="runs per shape; figures are their medians (default: 1)")
     parser.add_argument(
-        "--multiplexed",
-        action="store_true",
-        help=f"{MULTIPLEXED} members per connection, as a gateway or bridge holding many members would connect",
+        "--multiplexed", action="store_true", help=f"{MULTIPLEXED} members per connection, as a gateway"
     )
     parser.add_argument("--no-floor", action="store_true", help="skip each run's bare grpc.aio floor (about half)")
     parser.add_argument("--max-queue", type=int, help="pass --max-queue to chat-server (default: the server's own)")
-    parser.add_argument(
-        "--store",
-        action="append",
-        choices=STORES,
-        help="the server's store; nats starts a nats-server with JetStream for each run. Twice runs both, each shape "
-        "on one then the other (default: memory)",
-    )
-    parser.add_argument(
-        "--workers",
-        action="append",
-        type=int,
-        metavar="N",
-        help="chat-server --workers with the nats store; twice or more runs each (default: 1)",
-    )
+    parser.add_argument("--store", action="append", choices=STORES, help="memory (default), or nats on a nats-server "
+                        "of each run's own; twice runs each shape on both in turn")  # fmt: skip
+    parser.add_argument("--workers", action="append", type=int, metavar="N", help="chat-server --workers with the "
+                        "nats store; twice or more runs each (default: 1)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the results (default: {RESULTS})")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -147,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\nDELIVERY OR SERVER FAILURES: messages were lost, duplicated or reordered, or a process failed")
         print("\n".join(bad))
     print("\n" + "\n".join(table(outcomes)))
-    if compared := comparison(outcomes):
-        print("\n" + "\n".join(compared))
     verdict = "FAILED (see above)" if bad else "all deliveries exactly once and in order"
     print(f"\n{verdict}; {elapsed:.0f} s in all")
     meta = {
@@ -248,67 +234,39 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+COLUMNS = ("shape", "server", "deliv/s", "msg/s", "srv µs/deliv", "nats µs", "floor µs", "x floor", "ev/batch",
+           "p50 ms", "p99 ms", "RSS/member KiB", "floor KiB", "delivery", "bottleneck")  # fmt: skip
+TEXT_COLUMNS = {0, 1, len(COLUMNS) - 2, len(COLUMNS) - 1}
+
+
+def _row(outcome: Outcome) -> tuple[str, ...]:
+    run, name = outcome.median, (outcome.shape.name, outcome.options.server)
+    if run is None:
+        return (*name, *["-"] * (len(COLUMNS) - 4), "FAILED", "-")
+    return (*name, _num(run.deliveries_per_second or None, 0), _num(run.messages_per_second or None, 0),
+            _num(run.server_us_per_delivery), _num(run.store_us_per_delivery), _num(run.floor_us_per_delivery),
+            _num(ratio(run)), _num(run.events_per_batch, 1), _num(run.latency_p50_ms, 1),
+            _num(run.latency_p99_ms, 1), _num(run.rss_per_member_kib, 1), _num(run.floor_rss_per_member_kib, 1),
+            "FAILED" if outcome.errors else "ok", bottleneck(run, outcome.shape.kind))  # fmt: skip
+
+
 def table(outcomes: Sequence[Outcome]) -> list[str]:
-    """The results table, one row per shape and server, then the bottleneck of each busy one."""
-    with_nats = any(outcome.options.store != MEMORY for outcome in outcomes)
-    head: tuple[str, ...] = ("shape", "server") if with_nats else ("shape",)
-    rows: list[tuple[str, ...]] = [
-        (*head, "deliveries", "deliv/s", "msg/s", "srv µs/deliv", *(("nats µs",) if with_nats else ()), "floor µs",
-         "x floor", "ev/batch", "p50 ms", "p99 ms", "RSS/member KiB", "floor KiB", "delivery", "bottleneck"),
-    ]  # fmt: skip
-    notes = []
-    for outcome in outcomes:
-        run, kind, options = outcome.median, outcome.shape.kind, outcome.options
-        busy = kind is not Kind.IDLE
-        name = (outcome.shape.name, options.server) if with_nats else (outcome.shape.name,)
-        store = (_num(run.store_us_per_delivery if run else None),) if with_nats else ()
-        if run is None:
-            rows.append((*name, *["-"] * (len(rows[0]) - len(name) - 2), "FAILED", "-"))
-            continue
-        rows.append(
-            (*name, f"{run.deliveries:,}" if busy else "-", _num(run.deliveries_per_second or None, 0),
-             _num(run.messages_per_second or None, 0), _num(run.server_us_per_delivery), *store,
-             _num(run.floor_us_per_delivery), _num(ratio(run)), _num(run.events_per_batch, 1),
-             _num(run.latency_p50_ms, 1), _num(run.latency_p99_ms, 1), _num(run.rss_per_member_kib, 1),
-             _num(run.floor_rss_per_member_kib, 1), "FAILED" if outcome.errors else "ok",
-             bottleneck(run, kind)),
-        )  # fmt: skip
-        if busy:
-            label = " ".join(name)
-            notes.append(f"  {label}: {bottleneck(run, kind)} -- {evidence(run, options)}")
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    left = {0, 1, len(widths) - 2, len(widths) - 1} if with_nats else {0, len(widths) - 2, len(widths) - 1}
+    """The results table, one row per shape and server, then the evidence for each busy one's bottleneck."""
+    rows = [COLUMNS, *map(_row, outcomes)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = [
-        "  ".join(cell.ljust(width) if i in left else cell.rjust(width) for i, (cell, width) in
-                  enumerate(zip(row, widths, strict=True))).rstrip()
+        "  ".join(cell.ljust(width) if i in TEXT_COLUMNS else cell.rjust(width)
+                  for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
         for row in rows
     ]  # fmt: skip
+    notes = [
+        f"  {o.shape.name} {o.options.server}: {bottleneck(o.median, o.shape.kind)} -- {evidence(o.median, o.options)}"
+        for o in outcomes
+        if o.median is not None and o.shape.kind is not Kind.IDLE
+    ]
     if notes:
         lines += ["", "Bottleneck (the side whose event loop never waited for work, or the CPUs):", *notes]
     return lines
-
-
-def comparison(outcomes: Sequence[Outcome]) -> list[str]:
-    """Each shape on NATS against the in-memory store, and with more workers against one, when both ran."""
-    lines = []
-    for shape in dict.fromkeys(outcome.shape for outcome in outcomes):
-        runs = {o.options.server: o.median for o in outcomes if o.shape == shape and o.median is not None}
-        if shape.kind is Kind.IDLE:
-            continue
-        memory, one = runs.get(MEMORY), runs.get(f"{NATS} x1")
-        said = []
-        for server, run in runs.items():
-            if server != MEMORY and memory is not None and run.server_us_per_delivery and memory.server_us_per_delivery:
-                said.append(
-                    f"{server} {run.server_us_per_delivery / memory.server_us_per_delivery:.2f}x memory's CPU per "
-                    f"delivery, {run.deliveries_per_second / memory.deliveries_per_second:.2f}x its deliveries/s"
-                )
-            if server not in (MEMORY, f"{NATS} x1") and one is not None:
-                said.append(f"{server} {run.deliveries_per_second / one.deliveries_per_second:.2f}x nats x1's "
-                            "deliveries/s")  # fmt: skip
-        if said:
-            lines.append(f"  {shape.name}: " + "; ".join(said))
-    return ["Against the in-memory store, and against one worker:", *lines] if lines else []
 
 
 if __name__ == "__main__":

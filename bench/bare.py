@@ -1,15 +1,13 @@
-"""`python -m bench.bare`: what grpc.aio alone costs a server per streamed write, with no chat code at all.
-
-The chat server writes at least once per member per batch, so no figure of `make bench` can go below what the same
-writes cost a bare server: `make bench` measures that floor for each shape with `measure`, and this command line
-measures it by events per write, writes in flight and streams per connection.
-"""
+"""`python -m bench.bare`: what grpc.aio alone costs a server per streamed write, with no chat code at all: the
+floor under each of `make bench`'s figures (`measure`), or a table by events per write, writes in flight and
+streams per connection."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import itertools
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -33,11 +31,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 @dataclass(frozen=True)
 class Case:
-    """`streams` streams each written `rounds` times, `events` message events per write.
-
-    Writes go back to back unless `interval_ns` is set: then the streams form `groups` rooms, each with `senders`
-    that every `interval_ns` (staggered as the chat benchmark's steady senders are) write once to all its streams.
-    """
+    """`streams` streams each written `rounds` times, `events` message events per write: back to back, or with
+    `interval_ns`, by `groups` rooms whose `senders` each write once to all its streams every interval, staggered."""
 
     streams: int
     rounds: int
@@ -269,18 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=1000, help="streams, each written every round (default: 1000)")
     parser.add_argument("--rounds", type=int, default=50, help="writes per stream (default: 50)")
     parser.add_argument("--events", type=_numbers, default=[1, 32], help="events per write, a list (default: 1,32)")
-    parser.add_argument(
-        "--in-flight",
-        type=_numbers,
-        default=[16, 64, 256, 0],
-        help="writes in flight server-wide at most, a list; 0 for no cap (default: 16,64,256,0)",
-    )
-    parser.add_argument(
-        "--streams-per-connection",
-        type=_numbers,
-        default=[1],
-        help="streams sharing one TCP connection, a list (default: 1, a connection per stream as chat users have)",
-    )
+    parser.add_argument("--in-flight", type=_numbers, default=[16, 64, 256, 0], help="writes in flight server-wide "
+                        "at most, a list; 0 for no cap (default: 16,64,256,0)")  # fmt: skip
+    parser.add_argument("--streams-per-connection", type=_numbers, default=[1], help="streams sharing one TCP "
+                        "connection, a list (default: 1, a connection per stream as chat users have)")  # fmt: skip
     args = parser.parse_args(argv)
     if min(args.streams, args.rounds, *args.events, *args.streams_per_connection) < 1 or min(args.in_flight) < 0:
         parser.error("--streams, --rounds, --events and --streams-per-connection must be at least 1, --in-flight 0")
@@ -293,19 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     processes.raise_open_files()
     print(f"bare grpc.aio server (uvloop), {args.streams} streams x {args.rounds} writes, read by another process")
     print(f"{'streams/conn':>12} {'events/write':>12} {'in flight':>10} {'µs/write':>9} {'µs/event':>9} {'wall s':>7}")
-    for per_connection in args.streams_per_connection:
-        for events in args.events:
-            for in_flight in args.in_flight:
-                try:
-                    result = measure(Case(args.streams, args.rounds, events, in_flight, per_connection))
-                except BenchError as error:
-                    print(f"error: {error}", file=sys.stderr)
-                    return 1
-                print(
-                    f"{per_connection:>12} {events:>12} {in_flight or 'no cap':>10} {result.us_per_write:>9.1f} "
-                    f"{result.us_per_event:>9.2f} {result.spent.seconds:>7.2f}",
-                    flush=True,
-                )
+    for per_connection, events, in_flight in itertools.product(
+        args.streams_per_connection, args.events, args.in_flight
+    ):
+        try:
+            result = measure(Case(args.streams, args.rounds, events, in_flight, per_connection))
+        except BenchError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"{per_connection:>12} {events:>12} {in_flight or 'no cap':>10} {result.us_per_write:>9.1f} "
+              f"{result.us_per_event:>9.2f} {result.spent.seconds:>7.2f}", flush=True)  # fmt: skip
     return 0
 
 

@@ -36,40 +36,41 @@ class _Member:
         self.spec, self.worker, self.expected = spec, worker, expected
         self.label = f"{spec.room}/{spec.name}"
         self.call: ChatCall | None = None
-        self.base, self.last, self.next_seq = 0, expected, 1
+        self.last, self.next_seq = expected, 1
         self.count = self.responses = 0
         self.room_count = 0  # members in the room as this member knows it: Joined.members plus announcements
         self.lagging = self.complete = self.closed = self.ended = False
         self.check = Check(members=1)
         self.latencies: array[int] | None = array("q") if latency else None
         # A watcher acknowledges the senders of its room, which live in this process too.
-        self.senders: dict[str, _Member] | None = None
+        self.senders: dict[str, _Member] = {}
         self.next_index: dict[str, int] = {}
-        self.sent = self.acked = 0
-        self.waiter: asyncio.Future[None] | None = None
+        # A burst sender's lines not yet seen by its room's watcher, who releases one for each it receives.
+        self.window = asyncio.Semaphore(WINDOW)
+
+    async def _ask(self, request: pb.ChatRequest, kind: str) -> list[pb.Event]:
+        """Write `request` and read the answer, whose first event must be of `kind`."""
+        assert self.call is not None
+        await self.call.write(request)
+        response = await self.call.read()
+        if not isinstance(response, pb.ChatResponse):
+            raise RuntimeError(f"{self.label}: the stream ended ({await self.call.code()}) before its {kind} event")
+        if not response.events or response.events[0].WhichOneof("kind") != kind:
+            raise RuntimeError(f"{self.label}: expected a {kind} event, got {response}")
+        return list(response.events)
 
     async def open(self, stub: chat_pb2_grpc.ChatServiceAsyncStub) -> None:
         """Start the stream and wait until the server's handler has answered it, before any join."""
-        call = self.call = stub.Chat()
+        self.call = stub.Chat()
         # A request with no action is refused with an error event: proof the server is serving this call.
-        await call.write(pb.ChatRequest())
-        response = await call.read()
-        if not isinstance(response, pb.ChatResponse) or response.events[0].WhichOneof("kind") != "error":
-            raise RuntimeError(f"{self.label}: the stream did not open ({response!r})")
+        await self._ask(pb.ChatRequest(), "error")
 
     async def join(self) -> None:
         """Join the (already created) room and take in whatever came in the same batch as Joined."""
-        assert self.call is not None
-        await self.call.write(pb.ChatRequest(join=pb.ChatRequest.JoinRoom(room=self.spec.room, name=self.spec.name)))
-        response = await self.call.read()
-        if not isinstance(response, pb.ChatResponse):
-            raise RuntimeError(f"{self.label}: the stream ended before the join ({await self.call.code()})")
-        events = list(response.events)
-        if not events or events[0].WhichOneof("kind") != "joined":
-            raise RuntimeError(f"{self.label}: join refused: {events[0] if events else response}")
+        join = pb.ChatRequest.JoinRoom(room=self.spec.room, name=self.spec.name)
+        events = await self._ask(pb.ChatRequest(join=join), "joined")
         joined = events[0].joined
-        self.base = joined.last_seq
-        self.next_seq, self.last = self.base + 1, self.base + self.expected
+        self.next_seq, self.last = joined.last_seq + 1, joined.last_seq + self.expected
         self.room_count = len(joined.members)
         self.consume(events[1:], time.monotonic_ns())
 
@@ -92,7 +93,7 @@ class _Member:
                 self.check.stream_errors += 1
                 self._example(f"stream failed: {error.code().name} {error.details()}")
         finally:
-            # A stream that ended hears nothing more: it must not hold the others up, nor its senders' windows.
+            # A stream that ended hears nothing more: it must not hold the others up.
             self.ended = True
             self._caught_up()
             self._complete(time.monotonic_ns())
@@ -101,7 +102,7 @@ class _Member:
         """Check one batch of events: the hot path of the load generator, so it keeps state in locals."""
         self.responses += 1
         next_seq, count, latencies = self.next_seq, self.count, self.latencies
-        watching = self.senders is not None
+        watching = bool(self.senders)
         for event in events:
             message = event.message
             seq = message.seq
@@ -131,7 +132,6 @@ class _Member:
         return next_seq
 
     def _acknowledge(self, message: pb.Message) -> None:
-        assert self.senders is not None
         sender = self.senders.get(message.sender)
         if sender is None:
             return
@@ -141,9 +141,7 @@ class _Member:
             self.check.out_of_order += 1
             self._example(f"{message.sender}'s message {index} arrived when {due} was due")
         self.next_index[message.sender] = index + 1
-        sender.acked += 1
-        if sender.waiter is not None and not sender.waiter.done():
-            sender.waiter.set_result(None)
+        sender.window.release()
 
     def _other(self, event: pb.Event) -> None:
         kind = event.WhichOneof("kind")
@@ -179,18 +177,14 @@ class _Member:
     async def send(self, count: int, interval_ns: int, start_ns: int) -> None:
         """Say `count` lines: paced every `interval_ns` whatever the replies, else at most WINDOW not yet watched."""
         assert self.call is not None
-        loop = asyncio.get_running_loop()
         for i in range(count):
             if interval_ns:
-                due = start_ns + i * interval_ns
-                if (delay := due - time.monotonic_ns()) > 0:
+                if (delay := start_ns + i * interval_ns - time.monotonic_ns()) > 0:
                     await asyncio.sleep(delay / 1e9)
-            # A sender whose watcher is gone waits here until the run ends as stalled.
-            while not interval_ns and self.sent - self.acked >= WINDOW:
-                self.waiter = loop.create_future()
-                await self.waiter
+            else:
+                # A sender whose watcher is gone waits here until the run ends as stalled.
+                await self.window.acquire()
             await self.call.write(pb.ChatRequest(say=pb.ChatRequest.SendMessage(text=f"{i} {time.monotonic_ns()}")))
-            self.sent += 1
 
     def verdict(self) -> Check:
         """This member's count of messages lost (never reached), duplicated, extra and out of order."""
@@ -217,8 +211,7 @@ class _Worker:
         watchers = {m.spec.room: m for m in self.members if m.spec.watcher}
         for member in self.members:
             if member.spec.sender:
-                watcher = watchers[member.spec.room]
-                watcher.senders = {**(watcher.senders or {}), member.spec.name: member}
+                watchers[member.spec.room].senders[member.spec.name] = member
 
     def on_complete(self, now: int) -> None:
         """A member has every message (or its stream ended)."""
@@ -291,7 +284,7 @@ class _Worker:
         return True
 
     async def _open_all(self, stubs: list[chat_pb2_grpc.ChatServiceAsyncStub]) -> None:
-        """Create this worker's rooms and join their watchers first, then open every other stream, bounded."""
+        """Open every stream, a bounded number at a time, then create this worker's rooms and join their watchers."""
         gate = asyncio.Semaphore(OPEN_CONCURRENCY)
 
         async def open_one(i: int, member: _Member) -> None:
