@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,9 @@ class Case:
     interval_ns: int = 0
     memory: bool = False  # wait for the server to settle, as the chat benchmark does, before reading its memory
     lines: int = 0  # said by each of the first groups x senders streams, and read by the server, as chat senders' are
+    # Reader processes, each with its share of the connections: as many as the chat run's load generator had, since
+    # the kernel's and gRPC's cost of a write depends on how many processes read them (measured in bench/README).
+    readers: int = 1
 
 
 @dataclass(frozen=True)
@@ -176,10 +180,13 @@ async def _serve(conn: Connection, case: Case) -> None:
         await server.stop(10)
 
 
-async def _read(conn: Connection, job: tuple[Case, int]) -> None:
-    """The reader's process: open every stream, say Ready, read each one's writes, say Done, and close on End."""
-    case, port = job
-    opened = processes.channels(f"127.0.0.1:{port}", case.streams, case.per_connection)
+async def _read(conn: Connection, job: tuple[Case, int, int]) -> None:
+    """A reader's process: open its share of the streams (every `readers`-th connection from its own), say Ready,
+    read each one's writes, say Done, and close on End."""
+    case, port, reader = job
+    mine = [index for index in range(case.streams) if index // case.per_connection % case.readers == reader]
+    connections = range(reader, -(-case.streams // case.per_connection), case.readers)
+    opened = processes.channels(f"127.0.0.1:{port}", len(connections), 1)
     gate = asyncio.Semaphore(128)
     talkers = case.groups * case.senders if case.lines else 0
     line = pb.ChatRequest(say=pb.ChatRequest.SendMessage(text="x" * 30))
@@ -187,7 +194,7 @@ async def _read(conn: Connection, job: tuple[Case, int]) -> None:
 
     async def open_one(index: int) -> grpc.aio.StreamStreamCall[pb.ChatRequest, pb.ChatResponse]:
         async with gate:
-            call = chat_pb2_grpc.ChatServiceStub(opened[index // case.per_connection]).Chat()
+            call = chat_pb2_grpc.ChatServiceStub(opened[index // case.per_connection // case.readers]).Chat()
             await call.wait_for_connection()
             return call
 
@@ -215,12 +222,12 @@ async def _read(conn: Connection, job: tuple[Case, int]) -> None:
 
     try:
         async with asyncio.timeout(TIMEOUT):
-            calls = await asyncio.gather(*(open_one(index) for index in range(case.streams)))
+            calls = await asyncio.gather(*(open_one(index) for index in mine))
             conn.send(Ready())
             await command(conn, TIMEOUT, Go)
             start = time.monotonic_ns()
-            await asyncio.gather(*(read(call, index, start) for index, call in enumerate(calls)))
-        conn.send(Done(time.monotonic_ns(), case.streams * case.rounds * case.events, responses))
+            await asyncio.gather(*(read(call, index, start) for index, call in zip(mine, calls, strict=True)))
+        conn.send(Done(time.monotonic_ns(), len(mine) * case.rounds * case.events, responses))
         await command(conn, TIMEOUT, End)
     finally:
         for channel in opened:
@@ -228,14 +235,14 @@ async def _read(conn: Connection, job: tuple[Case, int]) -> None:
 
 
 def measure(case: Case) -> Result:
-    """Run one case against a fresh bare server process and a reader process; raise BenchError if either fails."""
+    """Run one case against a fresh bare server process and its reader processes; raise BenchError if one fails."""
     server = processes.spawn("bare server", _serve, case)
     children = [server]
     try:
         port = processes.collect(children, Ready, TIMEOUT)[0].port
         pid = server.process.pid or 0
         rss_start = procstat.rss_kib(pid)
-        children.append(processes.spawn("bare reader", _read, (case, port)))
+        children += [processes.spawn("bare reader", _read, (case, port, reader)) for reader in range(case.readers)]
         processes.collect(children, Ready, TIMEOUT)
         meter = procstat.Meter([pid])
         for child in children:
@@ -278,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     """Measure every combination of --streams-per-connection, --events and --in-flight and print a row for each."""
     args = parse_args(argv)
     processes.raise_open_files()
-    print(f"bare grpc.aio server (uvloop), {args.streams} streams x {args.rounds} writes, read by another process")
+    readers = os.cpu_count() or 1
+    print(f"bare grpc.aio server (uvloop), {args.streams} streams x {args.rounds} writes, read by {readers} processes")
     print(f"{'streams/conn':>12} {'events/write':>12} {'in flight':>10} {'µs/write':>9} {'µs/event':>9} {'wall s':>7}")
     for per_connection, events, in_flight in itertools.product(
         args.streams_per_connection, args.events, args.in_flight
     ):
         try:
-            result = measure(Case(args.streams, args.rounds, events, in_flight, per_connection))
+            result = measure(Case(args.streams, args.rounds, events, in_flight, per_connection, readers=readers))
         except BenchError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

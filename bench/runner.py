@@ -105,11 +105,19 @@ def run_once(shape: Shape, options: Options) -> RunResult:
 
 def floor_case(shape: Shape, result: RunResult, options: Options) -> bare.Case:
     """The bare traffic that matches a run: as many streams and connections, writes of as many events, and lines."""
-    members, per_connection = shape.total_members, options.streams_per_channel
+    members, per_connection, readers = shape.total_members, options.streams_per_channel, result.workers
     if shape.kind is Kind.IDLE:
-        return bare.Case(members, 1, 1, DEFAULT_WRITE_SLOTS, per_connection, memory=True)
+        return bare.Case(members, 1, 1, DEFAULT_WRITE_SLOTS, per_connection, memory=True, readers=readers)
     case = bare.Case(
-        members, 1, 1, DEFAULT_WRITE_SLOTS, per_connection, shape.rooms, shape.senders, lines=shape.messages
+        members,
+        1,
+        1,
+        DEFAULT_WRITE_SLOTS,
+        per_connection,
+        shape.rooms,
+        shape.senders,
+        lines=shape.messages,
+        readers=readers,
     )
     if shape.kind is Kind.STEADY:
         return dataclasses.replace(case, rounds=shape.room_messages, interval_ns=shape.interval_ns)
