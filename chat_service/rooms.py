@@ -367,6 +367,7 @@ class Member(Generic[T]):
                 try:
                     granted = await turn
                 except asyncio.CancelledError:
+                    # A slot given to a stream that ended before it could write goes back to the others.
                     if turn.done() and not turn.cancelled() and turn.result():
                         slots._release()
                     raise
