@@ -74,7 +74,7 @@ class WriteSlots:
 
     def __init__(self, size: int, hold_limit: float = DEFAULT_SLOT_HOLD_SECONDS) -> None:
         self._free = size
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._waiting: deque[asyncio.Future[bool]] = deque()
         self._leases: deque[Lease] = deque()
         self._sweeping = False
         self.hold_limit = hold_limit
@@ -93,6 +93,14 @@ class WriteSlots:
                 self._release()
             raise
         return self._lease()
+
+    def line_up(self, turn: asyncio.Future[bool]) -> None:
+        """Resolve `turn` to True once a slot is leased to it: now if one is free, else in line after the others."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            turn.set_result(True)
+        else:
+            self._waiting.append(turn)
 
     def _lease(self) -> Lease:
         loop = asyncio.get_running_loop()
@@ -121,7 +129,7 @@ class WriteSlots:
         while self._waiting:
             slot = self._waiting.popleft()
             if not slot.done():
-                slot.set_result(None)
+                slot.set_result(True)
                 return
         self._free += 1
 
@@ -247,7 +255,18 @@ class _Local(Generic[T]):
 class Member(Generic[T]):
     """A membership of this process; the methods that do not await run to completion without yielding."""
 
-    __slots__ = ("_backlog", "_dropped", "_presence", "_queue", "_registry", "_room", "_seat", "_stale", "_waiter")
+    __slots__ = (
+        "_backlog",
+        "_dropped",
+        "_in_line",
+        "_presence",
+        "_queue",
+        "_registry",
+        "_room",
+        "_seat",
+        "_stale",
+        "_waiter",
+    )
 
     def __init__(self, registry: RoomRegistry[T], room: _Local[T], seat: Seat, backlog: list[T]) -> None:
         self._registry = registry
@@ -260,7 +279,10 @@ class Member(Generic[T]):
         # in the queue instead. They never count against the bound: a crowd coming or going never evicts anyone.
         self._presence = 0
         self._stale = False
-        self._waiter: asyncio.Future[None] | None = None
+        # What `deliver` waits on with an empty queue: the first event puts it in line for a write slot (`_in_line`),
+        # and it resolves to True holding one, or to False when the membership ends first.
+        self._waiter: asyncio.Future[bool] | None = None
+        self._in_line = False
         self._dropped: asyncio.Future[ChatError] = asyncio.get_running_loop().create_future()
 
     @property
@@ -329,19 +351,32 @@ class Member(Generic[T]):
         # Writes in flight are capped server-wide: the transport completes operations in order, so a flood of
         # writes would hold back reading the room's next requests. Capped, reading keeps up, and what arrives
         # while a member waits for a slot joins its batch (bench/README.md has the measurements).
+        # A member waiting for events is put in line for a slot by the first one, so that it wakes once per write,
+        # holding a slot, rather than once for the event and again for the slot.
         slots = self._registry.slots
         stats = self._registry.stats
+        loop = asyncio.get_running_loop()
         while True:
-            while not self._queue and not self._backlog:
-                if self._room is None:
-                    return
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiter = waiter
+            if self._queue or self._backlog:
+                lease = await slots.acquire()
+            elif self._room is None:
+                return
+            else:
+                turn = loop.create_future()
+                self._waiter = turn
                 try:
-                    await waiter
+                    granted = await turn
+                except asyncio.CancelledError:
+                    # A slot given to a stream that ended before it could write goes back to the others.
+                    if turn.done() and not turn.cancelled() and turn.result():
+                        slots._release()
+                    raise
                 finally:
                     self._waiter = None
-            lease = await slots.acquire()
+                    self._in_line = False
+                if not granted:
+                    continue
+                lease = slots._lease()
             try:
                 batch = self._take() if self._queue or self._backlog else None
                 if batch:
@@ -408,7 +443,10 @@ class Member(Generic[T]):
     def close(self) -> None:
         """End the membership: `deliver` writes what is still queued, then returns."""
         self._room = None
-        self.wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            # Woken without a slot: whatever is still queued waits for one as any write does.
+            waiter.set_result(False)
 
     def drop(self, error: ChatError) -> None:
         """End the membership at once, discarding what is queued, and tell its stream why through `dropped`."""
@@ -420,8 +458,9 @@ class Member(Generic[T]):
 
     def wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None and not self._in_line and not waiter.done():
+            self._in_line = True
+            self._registry.slots.line_up(waiter)
 
     def _joined_room(self) -> _Local[T]:
         if self._room is None:
@@ -767,11 +806,16 @@ class RoomRegistry(Generic[T]):
         slow: list[Member[T]] = []
         for member in room.members.values():
             queue = member._queue
-            if len(queue) >= limit and member._full():
-                slow.append(member)
-                continue
-            queue.append(item)
-            member.wake()
+            if queue:
+                # `deliver` waits only on an empty queue, so the event that made this one non-empty woke it: in a
+                # burst most members have events queued, and skipping their wake is most of this loop's saving.
+                if len(queue) >= limit and member._full():
+                    slow.append(member)
+                    continue
+                queue.append(item)
+            else:
+                queue.append(item)
+                member.wake()
         if slow:
             self._evict_all(room, slow)
 
