@@ -83,16 +83,16 @@ class WriteSlots:
         """Lease a slot, waiting in line when none is free."""
         if self._free > 0 and not self._waiting:
             self._free -= 1
-            return self._lease()
+            return self.lease()
         slot = asyncio.get_running_loop().create_future()
         self._waiting.append(slot)
         try:
             await slot
         except asyncio.CancelledError:
             if slot.done() and not slot.cancelled():
-                self._release()
+                self.give_back()
             raise
-        return self._lease()
+        return self.lease()
 
     def line_up(self, turn: asyncio.Future[bool]) -> None:
         """Resolve `turn` to True once a slot is leased to it: now if one is free, else in line after the others."""
@@ -102,7 +102,8 @@ class WriteSlots:
         else:
             self._waiting.append(turn)
 
-    def _lease(self) -> Lease:
+    def lease(self) -> Lease:
+        """The lease of a slot already counted as taken: acquired, or granted to a turn put in line."""
         loop = asyncio.get_running_loop()
         lease = Lease(self, loop.time())
         self._leases.append(lease)
@@ -125,7 +126,8 @@ class WriteSlots:
         else:
             self._sweeping = False
 
-    def _release(self) -> None:
+    def give_back(self) -> None:
+        """Pass a slot to the first in line, or free it."""
         while self._waiting:
             slot = self._waiting.popleft()
             if not slot.done():
@@ -148,7 +150,7 @@ class Lease:
         """Give the slot back; later calls do nothing."""
         if not self.released:
             self.released = True
-            self._slots._release()
+            self._slots.give_back()
 
 
 class _Local(Generic[T]):
@@ -369,14 +371,14 @@ class Member(Generic[T]):
                 except asyncio.CancelledError:
                     # A slot given to a stream that ended before it could write goes back to the others.
                     if turn.done() and not turn.cancelled() and turn.result():
-                        slots._release()
+                        slots.give_back()
                     raise
                 finally:
                     self._waiter = None
                     self._in_line = False
                 if not granted:
                     continue
-                lease = slots._lease()
+                lease = slots.lease()
             try:
                 batch = self._take() if self._queue or self._backlog else None
                 if batch:
