@@ -227,10 +227,8 @@ async def _serve_requests(
 
 
 class _Pipeline:
-    """A member's lines in flight. Each is said from a task of its own as soon as it is read, so that it reaches the
-    store while the lines before it wait for theirs to be kept, and the store logs them together (a NATS store's
-    group commit); the store's append takes each line's place in the room's order before it first waits, so they are
-    logged in the order sent. At most `most` are in flight; past that the reader waits for the oldest."""
+    """A member's lines in flight, each said from its own task as soon as it is read, so that the store logs it along
+    with those before it (in order: see Store.append); at most `most` at once, past that the reader waits."""
 
     __slots__ = ("_member", "_most", "_tasks")
 

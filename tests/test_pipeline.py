@@ -42,23 +42,40 @@ SLOW_TURNS = 20
 
 
 class SlowLog(LaggingStore):
-    """The lagging in-memory store, but its appends queue in call order and are logged SLOW_TURNS loop turns later."""
+    """The lagging in-memory store, but its appends queue in call order and are logged SLOW_TURNS loop turns later;
+    while `flowing` is clear they wait."""
 
     def __init__(self, inner: MemoryStore) -> None:
         super().__init__(inner)
         self._queued: deque[tuple[RoomRecord, Message, str, asyncio.Future[Appended]]] = deque()
         self._writer: asyncio.Task[None] | None = None
+        self._appended = asyncio.Event()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
 
     async def append(self, room: RoomRecord, message: Message, dedup_key: str = "") -> Appended:
         kept: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queued.append((room, message, dedup_key, kept))
+        self._appended.set()
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
         return await kept
 
+    async def until_waiting(self, count: int) -> None:
+        """Wait, bounded, until `count` appends wait for their callers."""
+        async with asyncio.timeout(WAIT):
+            while self.waiting() < count:
+                self._appended.clear()
+                await self._appended.wait()
+
+    def waiting(self) -> int:
+        """Appends not logged yet whose callers still wait for them."""
+        return sum(not kept.done() for *_, kept in self._queued)
+
     async def _write(self) -> None:
         try:
             while self._queued:
+                await self.flowing.wait()
                 for _ in range(SLOW_TURNS):
                     await asyncio.sleep(0)
                 room, message, dedup_key, kept = self._queued.popleft()
@@ -95,6 +112,13 @@ async def serving(kind: str, lines_in_flight: int = DEFAULT_LINES_IN_FLIGHT) -> 
         store = SlowLog(MemoryStore())
     elif kind != "memory":
         store = await make_store(kind)
+    async with serving_over(store, lines_in_flight) as stub:
+        yield stub
+
+
+@contextlib.asynccontextmanager
+async def serving_over(store: Store | None, lines_in_flight: int = DEFAULT_LINES_IN_FLIGHT) -> AsyncIterator[Stub]:
+    """A stub of a real server without rate limits over `store` (None: a new in-memory one)."""
     config = Config(port=0, grace_seconds=1.0, limits=UNLIMITED, lines_in_flight=lines_in_flight)
     chat = ChatServer(config, token="test-admin-token", store=store)
     await chat.start()
@@ -172,3 +196,21 @@ async def test_a_refused_line_among_good_ones_is_reported_by_its_id(kind: str) -
         assert [(error.code, error.client_id) for error in errors] == [(pb.ERROR_CODE_INVALID_TEXT, "c4")]
         logged = [(e.message.seq, e.message.client_id) for e in events if e.WhichOneof("kind") == "message"]
         assert logged == [(seq, f"c{n}") for seq, n in enumerate([0, 1, 2, 3, 5, 6, 7, 8, 9], start=1)]
+
+
+async def test_a_stream_cancelled_with_lines_in_flight_leaves_none_behind() -> None:
+    store = SlowLog(MemoryStore())
+    async with serving_over(store) as stub:
+        alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+        bob, _ = await Stream.joined(stub, "r", "bob")
+        store.flowing.clear()
+        for n in range(5):
+            await say(alice, f"line {n}", f"c{n}")
+        await store.until_waiting(5)
+        alice.call.cancel()
+        assert (await bob.next_of("member_left", WAIT)).member_left.name == "alice"
+        # The lines' tasks go with the stream rather than wait for a store that does not answer. Nothing announces
+        # that they have gone, so it is asked for, bounded.
+        async with asyncio.timeout(WAIT):
+            while store.waiting():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
