@@ -214,3 +214,18 @@ async def test_a_stream_cancelled_with_lines_in_flight_leaves_none_behind() -> N
         async with asyncio.timeout(WAIT):
             while store.waiting():  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
+
+
+async def test_lines_sent_before_a_half_close_are_all_logged_before_the_member_goes(kind: str) -> None:
+    async with serving(kind) as stub:
+        alice, _ = await Stream.joined(stub, "r", "alice", create=True)
+        bob, _ = await Stream.joined(stub, "r", "bob")
+        for n in range(20):
+            await say(alice, f"line {n}", f"c{n}")
+        await alice.call.done_writing()
+        texts = []
+        while (event := await bob.next(WAIT)).WhichOneof("kind") != "member_left":
+            assert event.WhichOneof("kind") == "message", event
+            texts.append(event.message.text)
+        assert texts == [f"line {n}" for n in range(20)]
+        await alice.expect_end(WAIT)
