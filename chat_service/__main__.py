@@ -32,7 +32,7 @@ from chat_service.limits import (
 )
 from chat_service.rooms import DEFAULT_QUEUE_LIMIT
 from chat_service.server import DEFAULT_MAX_STREAMS_PER_CONNECTION, MEMORY, Config, Tls, run
-from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS
+from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS, DEFAULT_LINES_IN_FLIGHT
 from chat_service.store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, DEFAULT_RESUME_GRACE_SECONDS
 from chat_service.workers import Supervisor, WorkerStartError
 
@@ -111,6 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="how long a new stream may take to join a room before it is ended "
         f"(default: {DEFAULT_JOIN_TIMEOUT_SECONDS:g})",
+    )
+    parser.add_argument(
+        "--max-lines-in-flight",
+        type=_at_least(1),
+        default=DEFAULT_LINES_IN_FLIGHT,
+        metavar="N",
+        help="lines one member may have waiting for the store at once; the server reads its next request once the "
+        f"oldest is kept (default: {DEFAULT_LINES_IN_FLIGHT})",
     )
     parser.add_argument(
         "--empty-room-ttl",
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             max_members=args.max_members,
             max_streams_per_connection=args.max_streams_per_connection,
             join_timeout_seconds=args.join_timeout,
+            lines_in_flight=args.max_lines_in_flight,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             store=args.store,

@@ -132,19 +132,12 @@ def _guarded(operation: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any,
     async def run(*args: P.args, **kwargs: P.kwargs) -> R:
         store = args[0]
         assert isinstance(store, NatsStore)
-        if not store.available:
-            # Moving to another server of a cluster takes a moment; NATS away for longer is refused.
-            try:
-                await asyncio.wait_for(store._connected.wait(), 0 if store._closed else RECONNECT_WAIT_SECONDS)
-            except TimeoutError:
-                raise _unreachable() from None
+        if not await store._reachable():
+            raise _unreachable()
         try:
             return await operation(*args, **kwargs)
         except (TimeoutError, nats.errors.Error) as error:
-            store.throttled_log.warning(
-                "failed", "The message store failed an operation: %s", error or type(error).__name__
-            )
-            raise _unreachable() from error
+            raise store._failed(error) from error
 
     return run
 
@@ -223,19 +216,22 @@ class _Followed:
         "recent",
         "subscriptions",
         "tail",
+        "tail_read",
         "uid",
         "writer",
     )
 
-    def __init__(self, uid: str, follower: Follower, tail: _Tail, cached: int) -> None:
+    def __init__(self, uid: str, follower: Follower, tail: _Tail | None, cached: int) -> None:
         self.uid = uid
         self.follower = follower
-        self.tail = tail
+        # None for a room written without following it: its writer reads the tail before its first commit.
+        self.tail = tail if tail is not None else _Tail(0, 0)
+        self.tail_read = tail is not None
         # The room's latest messages heard, consecutive, and an event set whenever an entry is heard.
         self.cache: deque[Message] = deque(maxlen=cached)
         self.arrived = asyncio.Event()
-        self.delivered = tail.seq
-        self.closed = tail.closed
+        self.delivered = self.tail.seq
+        self.closed = self.tail.closed
         self.subscriptions: list[Subscription | JetStreamContext.PushSubscription] = []
         # The dedup keys of the room's recent messages, and the stream seq up to which every entry's keys are in it:
         # an entry committed right after that one cannot repeat a key some process logged before.
@@ -835,9 +831,12 @@ class NatsStore:
 
     # The log
 
-    @_guarded
     async def append(self, room: RoomRecord, message: Message, dedup_key: str = "") -> Appended:
-        followed = self._followed.get(room.uid) or await self._unfollowed_writer(room)
+        # Nothing here awaits before the line is queued for the room's writer, which keeps the queue's order: that is
+        # the order the store's contract promises. Waiting for NATS to come back is the writer's, after that.
+        if self._closed:
+            raise _unreachable()
+        followed = self._followed.get(room.uid) or self._unfollowed_writer(room)
         if dedup_key and (logged := followed.recent.get(dedup_key)) is not None:
             return Appended(logged, True)
         pending = _Pending(message, dedup_key)
@@ -846,17 +845,23 @@ class NatsStore:
             followed.writer = asyncio.get_running_loop().create_task(self._write(room, followed))
             self._tasks.add(followed.writer)
             followed.writer.add_done_callback(self._tasks.discard)
-        return await pending.done
+        try:
+            return await pending.done
+        except (TimeoutError, nats.errors.Error) as error:
+            raise self._failed(error) from error
 
-    async def _unfollowed_writer(self, room: RoomRecord) -> _Followed:
+    def _unfollowed_writer(self, room: RoomRecord) -> _Followed:
         """What appends to a room this process does not follow share: their group commits and the log's keys, read
-        from the stream rather than heard; kept for the UNFOLLOWED_WRITERS last rooms written."""
+        from the stream rather than heard; kept for the UNFOLLOWED_WRITERS last rooms written, and while it writes."""
         writer = self._unfollowed.pop(room.uid, None)
         if writer is None:
-            writer = _Followed(room.uid, _Unheard(), await self._tail(room.uid), 0)
+            writer = _Followed(room.uid, _Unheard(), None, 0)
         self._unfollowed[room.uid] = writer
         if len(self._unfollowed) > UNFOLLOWED_WRITERS:
-            del self._unfollowed[next(iter(self._unfollowed))]
+            # One still writing stays: a second writer for its room could log the next lines before its own.
+            idle = next((uid for uid, kept in self._unfollowed.items() if kept.writer is None), None)
+            if idle is not None:
+                del self._unfollowed[idle]
         return writer
 
     async def _write(self, room: RoomRecord, followed: _Followed) -> None:
@@ -868,6 +873,9 @@ class NatsStore:
             # line goes alone under its own message id.
             most = MAX_BATCH_MESSAGES if self.history_limit else 1
             while followed.pending:
+                if not await self._reachable():
+                    # NATS stayed away: every append still waiting is refused below.
+                    break
                 batch = _take(followed, most)
                 try:
                     await self._commit(room, followed, batch)
@@ -885,6 +893,9 @@ class NatsStore:
         """Log `batch` as one entry after the room's last by compare-and-set; a line whose dedup key the log holds
         already is answered with the message logged then. A retry after a lost answer goes under the same message id,
         so JetStream keeps the entry once."""
+        if not followed.tail_read:
+            followed.tail = await self._tail(room.uid)
+            followed.tail_read = True
         tail = followed.tail
         for _ in range(CAS_ATTEMPTS):
             if tail.closed:
@@ -987,6 +998,22 @@ class NatsStore:
                 self._arrive(followed, tail.seq, ack.seq, [(entry, "")], local=True)
             return
         raise _unreachable()
+
+    async def _reachable(self) -> bool:
+        """Whether NATS answers, waiting a moment for it while it is away: moving to another server of a cluster takes
+        that long; NATS away for longer, or a closed store, is refused."""
+        if self.available:
+            return True
+        try:
+            await asyncio.wait_for(self._connected.wait(), 0 if self._closed else RECONNECT_WAIT_SECONDS)
+        except TimeoutError:
+            return False
+        return True
+
+    def _failed(self, error: BaseException) -> ChatError:
+        """STORE_UNAVAILABLE for an operation NATS failed, logged (sampled)."""
+        self.throttled_log.warning("failed", "The message store failed an operation: %s", error or type(error).__name__)
+        return _unreachable()
 
     async def _patiently(self, request: Callable[[], Awaitable[R]]) -> R:
         """Make a JetStream request, again while the cluster moves (a server lost, a stream leader being elected) for

@@ -25,7 +25,13 @@ from chat_service.memory_store import MemoryStore
 from chat_service.metrics import Metrics
 from chat_service.registry import Registry
 from chat_service.rooms import DEFAULT_QUEUE_LIMIT, RoomRegistry
-from chat_service.service import DEFAULT_JOIN_TIMEOUT_SECONDS, SERVICE_NAME, ChatServicer, handler
+from chat_service.service import (
+    DEFAULT_JOIN_TIMEOUT_SECONDS,
+    DEFAULT_LINES_IN_FLIGHT,
+    SERVICE_NAME,
+    ChatServicer,
+    handler,
+)
 from chat_service.stats import Stats
 from chat_service.store import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_ROOMS, DEFAULT_RESUME_GRACE_SECONDS, Store
 
@@ -96,6 +102,7 @@ class Config:
     max_members: int = DEFAULT_MAX_MEMBERS
     max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION
     join_timeout_seconds: float = DEFAULT_JOIN_TIMEOUT_SECONDS
+    lines_in_flight: int = DEFAULT_LINES_IN_FLIGHT
     empty_room_ttl: float | None = None
     limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 5.0
@@ -138,7 +145,11 @@ class ChatServer:
         )
         self._token = choose_token(config, token)
         servicer = ChatServicer(
-            self.registry, Limiter(config.limits, time.monotonic, stats), self._token.value, config.join_timeout_seconds
+            self.registry,
+            Limiter(config.limits, time.monotonic, stats),
+            self._token.value,
+            config.join_timeout_seconds,
+            config.lines_in_flight,
         )
         self.metrics = (
             Metrics(stats, lambda: store.room_count, lambda: store.seated) if config.metrics_port is not None else None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,6 +28,10 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
 CLIENT_CLOSE_GRACE_SECONDS = 5.0
 # A stream costs the server about 22 KiB before it joins; one that never does is ended after this long.
 DEFAULT_JOIN_TIMEOUT_SECONDS = 10.0
+# Lines one member may have in flight, read and waiting for the store to keep them (see `_Pipeline`). 16 is the
+# benchmark's burst window, and below the line rate limit's burst (20); with 4 KiB of text a line in flight holds
+# about 14 KiB (its request, text, message, log row and task), so a member's window stays far below its queue's.
+DEFAULT_LINES_IN_FLIGHT = 16
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
 Request = TypeVar("Request", bound=Message)
@@ -45,11 +50,13 @@ class ChatServicer:
         limiter: Limiter | None = None,
         admin_token: str | None = None,
         join_timeout: float = DEFAULT_JOIN_TIMEOUT_SECONDS,
+        lines_in_flight: int = DEFAULT_LINES_IN_FLIGHT,
     ) -> None:
         self._registry = registry
         self._limiter = limiter
         self._admin_token = admin_token
         self._join_timeout = join_timeout
+        self._lines_in_flight = lines_in_flight
 
     def _limiter_for(self, context: grpc.aio.ServicerContext[Any, Any]) -> Limiter | None:
         """The limiter for this call; None for a call that carries the admin token, which no limit applies to."""
@@ -102,7 +109,7 @@ class ChatServicer:
         member = await self._join(requests, context, limiter)
         if member is None:
             return
-        reader = asyncio.create_task(_serve_requests(requests, member, context, limiter))
+        reader = asyncio.create_task(_serve_requests(requests, member, context, limiter, self._lines_in_flight))
         guard = _WriteGuard()
         member.dropped.add_done_callback(guard.interrupt)
         try:
@@ -161,45 +168,106 @@ class ChatServicer:
 
 
 async def _serve_requests(
-    requests: AsyncIterator[bytes], member: Membership[bytes], context: Context, limiter: Limiter | None
+    requests: AsyncIterator[bytes],
+    member: Membership[bytes],
+    context: Context,
+    limiter: Limiter | None,
+    lines_in_flight: int,
 ) -> None:
-    """Apply a joined member's requests in order, until `leave` or the end of the requests."""
+    """Apply a joined member's requests in order, until `leave` or the end of the requests: its lines are pipelined
+    (see `_Pipeline`), and any other request first waits for the lines before it."""
     lines = limiter.lines(client_address(context.peer()), member.room, member.name) if limiter is not None else None
-    async for raw in requests:
-        # The id of the line being answered, so that its error names it too.
-        client_id = ""
-        try:
-            request = _decode(pb.ChatRequest, raw, context)
-            action = request.WhichOneof("action")
-            if action == "say":
-                client_id = request.say.client_id
-                if lines is not None:
-                    lines.charge()
-                await member.say(request.say.text, client_id, action=request.say.action)
-            elif action == "whisper":
-                whisper = request.whisper
-                client_id = whisper.client_id
-                if lines is not None:
-                    lines.charge()
-                await member.whisper(whisper.recipient, whisper.text, client_id)
-            elif action == "leave":
-                await member.leave()
-                # Ending the call under requests the client still sends would fail its writes (grpc.aio calls
-                # that INTERNAL), so whatever follows a leave is read and ignored until the client half-closes.
-                async for _ in requests:
-                    pass
-                return
-            elif action == "join":
-                raise ChatError(
-                    ErrorKind.ALREADY_JOINED,
-                    f"you are already in room {member.room!r}; leave it first (one stream is one membership)",
-                )
-            else:
-                raise ChatError(ErrorKind.BAD_REQUEST, "the request has no action; set join, say, whisper or leave")
-        except ChatError as error:
-            member.report(error, client_id)
-    # A vanished client ends the requests just as a half-close does, and neither said goodbye.
-    await member.leave(LeaveReason.DISCONNECTED)
+    pipeline = _Pipeline(member, lines_in_flight)
+    try:
+        async for raw in requests:
+            try:
+                request = _decode(pb.ChatRequest, raw, context)
+            except ChatError as error:
+                await pipeline.drain()
+                member.report(error)
+                continue
+            # The id of the line being answered, so that its error names it too.
+            client_id = ""
+            try:
+                action = request.WhichOneof("action")
+                if action == "say":
+                    client_id = request.say.client_id
+                    if lines is not None:
+                        lines.charge()
+                    await pipeline.say(request.say)
+                    continue
+                await pipeline.drain()
+                if action == "whisper":
+                    whisper = request.whisper
+                    client_id = whisper.client_id
+                    if lines is not None:
+                        lines.charge()
+                    await member.whisper(whisper.recipient, whisper.text, client_id)
+                elif action == "leave":
+                    await member.leave()
+                    # Ending the call under requests the client still sends would fail its writes (grpc.aio calls
+                    # that INTERNAL), so whatever follows a leave is read and ignored until the client half-closes.
+                    async for _ in requests:
+                        pass
+                    return
+                elif action == "join":
+                    raise ChatError(
+                        ErrorKind.ALREADY_JOINED,
+                        f"you are already in room {member.room!r}; leave it first (one stream is one membership)",
+                    )
+                else:
+                    raise ChatError(ErrorKind.BAD_REQUEST, "the request has no action; set join, say, whisper or leave")
+            except ChatError as error:
+                member.report(error, client_id)
+        await pipeline.drain()
+        # A vanished client ends the requests just as a half-close does, and neither said goodbye.
+        await member.leave(LeaveReason.DISCONNECTED)
+    finally:
+        await pipeline.cancel()
+
+
+class _Pipeline:
+    """A member's lines in flight, each said from its own task as soon as it is read, so that the store logs it along
+    with those before it (in order: see Store.append); at most `most` at once, past that the reader waits."""
+
+    __slots__ = ("_member", "_most", "_tasks")
+
+    def __init__(self, member: Membership[bytes], most: int) -> None:
+        self._member = member
+        self._most = most
+        self._tasks: deque[asyncio.Task[None]] = deque()
+
+    async def say(self, say: pb.ChatRequest.SendMessage) -> None:
+        """Start saying `say`, once fewer than the bound of lines are in flight."""
+        tasks = self._tasks
+        while tasks and (tasks[0].done() or len(tasks) >= self._most):
+            # Awaited before it leaves the deque, so that `cancel` still finds it if this reader is cancelled here.
+            await tasks[0]
+            tasks.popleft()
+        tasks.append(asyncio.create_task(_say(self._member, say)))
+
+    async def drain(self) -> None:
+        """Wait until every line in flight has been answered."""
+        tasks = self._tasks
+        while tasks:
+            await tasks[0]
+            tasks.popleft()
+
+    async def cancel(self) -> None:
+        """Stop the lines still in flight (those the store has already taken may still be logged) and wait for them."""
+        tasks = self._tasks
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()
+
+
+async def _say(member: Membership[bytes], say: pb.ChatRequest.SendMessage) -> None:
+    """Say one line, reporting its error to the member under its client_id."""
+    try:
+        await member.say(say.text, say.client_id, action=say.action)
+    except ChatError as error:
+        member.report(error, say.client_id)
 
 
 class _WriteGuard:

@@ -143,7 +143,9 @@ class Store(Protocol):
 
     async def append(self, room: RoomRecord, message: Message, dedup_key: str = "") -> Appended:
         """Log `message` (its seq is ignored) with the room's next seq; once per non-empty `dedup_key` for at least
-        the resume grace. Followers hear it through `logged`; returns once it is kept. Raises ROOM_NOT_FOUND."""
+        the resume grace. Followers hear it through `logged`; returns once it is kept. Raises ROOM_NOT_FOUND.
+        Appends to one room are logged in the order called, even one called before the last returned (pipelined
+        lines): an append takes its place before it awaits anything a later call could overtake (a round trip)."""
 
     async def read(self, room: RoomRecord, *, after: int | None = None, last: int = 0) -> Backlog:
         """The messages after seq `after` (a resume) or else the newest `last` (history on joining)."""

@@ -29,6 +29,7 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
         (["--port", "http"], "argument --port: expected a whole number, not 'http'"),
         (["--max-queue", "0"], "argument --max-queue: must be 1 or more, not 0"),
         (["--max-rooms", "0"], "argument --max-rooms: must be 1 or more, not 0"),
+        (["--max-lines-in-flight", "0"], "argument --max-lines-in-flight: must be 1 or more, not 0"),
         (["--history", "-5"], "argument --history: must be 0 or more, not -5"),
         (["--resume-grace", "-1"], "argument --resume-grace: must be 0 seconds or more, not -1"),
         (["--resume-grace", "nan"], "argument --resume-grace: must be 0 seconds or more, not nan"),

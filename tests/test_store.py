@@ -192,6 +192,20 @@ async def test_appends_get_gap_free_seqs_in_the_order_followers_hear_them(store:
     assert [info.last_seq for info in await store.list_rooms()] == [20]
 
 
+async def test_appends_started_together_are_logged_in_the_order_called(store: Store) -> None:
+    room = await store.create_room("r")
+    # Into a room not followed and not yet written (the NATS store's writer then learns the log's tail itself), then
+    # into the room followed. Each task runs to its first pause before the next starts, as pipelined lines do.
+    for first in (1, 41):
+        if first == 41:
+            await store.follow(room, Recorder())
+        appends = [asyncio.create_task(store.append(room, line(str(seq)))) for seq in range(first, first + 40)]
+        appended = await asyncio.gather(*appends)
+        assert [(a.message.seq, a.message.text) for a in appended] == [
+            (seq, str(seq)) for seq in range(first, first + 40)
+        ]
+
+
 async def test_an_append_with_a_known_dedup_key_is_logged_once(store: Store) -> None:
     room = await store.create_room("r")
     recorder = Recorder()
