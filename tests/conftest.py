@@ -239,8 +239,10 @@ class ServerProcess:
 
 def _pump(stream: object, lines: queue.Queue[str | None]) -> None:
     assert hasattr(stream, "readline")
-    for line in iter(stream.readline, ""):
-        lines.put(line.rstrip("\n"))
+    # `stop` closes the stream once the server has exited, which can fall under a read still in progress.
+    with contextlib.suppress(ValueError, OSError):
+        for line in iter(stream.readline, ""):
+            lines.put(line.rstrip("\n"))
     lines.put(None)
 
 

@@ -144,8 +144,9 @@ async def test_the_chat_client_resumes_its_room_after_its_server_restarts_over_n
             await asyncio.to_thread(first.stop)
             assert first.process.returncode == 0
             await seen.until("reconnecting")
-            # No RoomClosed: the room lives on in NATS.
-            assert [kind for kind, _ in seen.seen] == ["joined", "reconnecting"]
+            # No RoomClosed: the room lives on in NATS. A busy machine may see the client retry more than once.
+            kinds = [kind for kind, _ in seen.seen]
+            assert kinds[0] == "joined" and set(kinds[1:]) == {"reconnecting"}
             assert await alice.say("still here?")
             restarted = await asyncio.to_thread(
                 start_server_process, tmp_path / "state", "--store", nats.url, "--port", str(first.port)
