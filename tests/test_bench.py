@@ -15,6 +15,9 @@ from bench import bare
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# A benchmark run takes 10-20 s; on a machine busy with other test processes one took over a minute. `_module` bounds
+# each at 3 minutes, and reports what it printed.
+@pytest.mark.timeout(200)
 def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     # One shape of each kind: a burst, steady load and idle members, each beside its floor.
@@ -35,6 +38,7 @@ def test_quick_benchmark_delivers_every_message_exactly_once_in_order(tmp_path: 
         assert floor is not None and floor > 0, shape
 
 
+@pytest.mark.timeout(200)
 def test_quick_benchmark_on_nats_with_two_workers_delivers_every_message_exactly_once(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     # The smallest shape: a nats-server of the run's own, a supervisor and two workers sharing the port.
