@@ -473,3 +473,26 @@ async def test_a_missing_nats_is_one_clear_error() -> None:
     with pytest.raises(ChatError) as refused:
         await connect([f"nats://127.0.0.1:{unused_port()}"], replicas=1, request_timeout=1)
     assert refused.value.kind is ErrorKind.STORE_UNAVAILABLE
+
+
+async def test_lines_appended_a_few_turns_apart_share_an_entry(nats: NatsNode) -> None:
+    store = await open_store(nats)
+    try:
+        room = await store.create_room("turns")
+        heard = Recorder()
+        await store.follow(room, heard)
+
+        async def say(text: str, turns: int) -> Message:
+            # A sender's pipelined lines are read a loop turn or a few apart, not all at once.
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            return (await store.append(room, line("ann", text))).message
+
+        said = await asyncio.gather(*(say(text, turns) for turns, text in enumerate("abcd")))
+        assert [message.seq for message in said] == [1, 2, 3, 4]
+        await heard.until(lambda: len(heard.entries) == len(said))
+        assert heard.entries == said
+        info = await store._js.stream_info("CHAT_LOG", subjects_filter=f"chat.log.{room.uid}")
+        assert info.state.subjects == {f"chat.log.{room.uid}": 1}
+    finally:
+        await store.close()
