@@ -878,8 +878,9 @@ class NatsStore:
             # line goes alone under its own message id.
             most = MAX_BATCH_MESSAGES if self.history_limit else 1
             while followed.pending:
-                if not await self._reachable():
-                    # NATS stayed away: every append still waiting is refused below.
+                # Lines already queued wait out a cluster's failover, as a commit under way does: a lost node is a
+                # pause. Once the store has been declared away (its members told), they are refused at once.
+                if not await self._reachable(FAILOVER_SECONDS if self._away is not None else 0.0):
                     break
                 if most > 1:
                     for _ in range(ENTRY_TURNS):
@@ -916,19 +917,9 @@ class NatsStore:
             alone = len(fresh) == 1 and fresh[0].key
             message_id = f"{room.uid}.{fresh[0].key}" if alone else secrets.token_hex(12)
             seq = tail.seq + len(fresh)
-            headers = {
-                api.Header.MSG_ID: message_id,
-                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(tail.stream_seq),
-                SEQ_HEADER: str(seq),
-            }
             payload = _encode_entry([pending.row for pending in fresh])
-            try:
-                ack = await self._patiently(
-                    functools.partial(self._js.publish, _log_subject(room.uid), payload, headers=headers)
-                )
-            except nats.js.errors.APIError as error:
-                if error.err_code not in _WRONG_LAST_SEQUENCE:
-                    raise
+            ack = await self._publish_after(room.uid, tail, seq, message_id, payload)
+            if ack is None:
                 tail = await self._tail(room.uid)
                 continue
             if ack.duplicate and alone:
@@ -988,18 +979,8 @@ class NatsStore:
         for _ in range(CAS_ATTEMPTS):
             if tail.closed:
                 raise ChatError(ErrorKind.ROOM_NOT_FOUND, f"room {room.name!r} does not exist")
-            headers = {
-                api.Header.MSG_ID: message_id,
-                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(tail.stream_seq),
-                SEQ_HEADER: str(tail.seq),
-            }
-            try:
-                ack = await self._patiently(
-                    functools.partial(self._js.publish, _log_subject(room.uid), payload, headers=headers)
-                )
-            except nats.js.errors.APIError as error:
-                if error.err_code not in _WRONG_LAST_SEQUENCE:
-                    raise
+            ack = await self._publish_after(room.uid, tail, tail.seq, message_id, payload)
+            if ack is None:
                 tail = await self._tail(room.uid)
                 continue
             if followed is not None and self._followed.get(room.uid) is followed:
@@ -1007,13 +988,32 @@ class NatsStore:
             return
         raise _unreachable()
 
-    async def _reachable(self) -> bool:
-        """Whether NATS answers, waiting a moment for it while it is away: moving to another server of a cluster takes
-        that long; NATS away for longer, or a closed store, is refused."""
+    async def _publish_after(
+        self, uid: str, tail: _Tail, seq: int, message_id: str, payload: bytes
+    ) -> api.PubAck | None:
+        """Publish `payload` as the room's entry after `tail`, its last message numbered `seq`; None when another entry
+        got there first. The message id makes a retry after a lost answer safe."""
+        headers = {
+            api.Header.MSG_ID: message_id,
+            api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(tail.stream_seq),
+            SEQ_HEADER: str(seq),
+        }
+        try:
+            return await self._patiently(
+                functools.partial(self._js.publish, _log_subject(uid), payload, headers=headers)
+            )
+        except nats.js.errors.APIError as error:
+            if error.err_code not in _WRONG_LAST_SEQUENCE:
+                raise
+            return None
+
+    async def _reachable(self, patience: float = RECONNECT_WAIT_SECONDS) -> bool:
+        """Whether NATS answers, waiting up to `patience` for it while it is away: moving to another server of a
+        cluster takes a moment; NATS away for longer, or a closed store, is refused."""
         if self.available:
             return True
         try:
-            await asyncio.wait_for(self._connected.wait(), 0 if self._closed else RECONNECT_WAIT_SECONDS)
+            await asyncio.wait_for(self._connected.wait(), 0 if self._closed else patience)
         except TimeoutError:
             return False
         return True
