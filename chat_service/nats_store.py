@@ -119,6 +119,8 @@ TAIL_FETCHES = 32
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _STREAM_NAME_IN_USE = 10058
 # Failures that pass once the cluster has moved.
+# JetStream's answer when a replicated stream cannot be placed yet: a cluster's peers are still meeting (seen in CI).
+_NO_SUITABLE_PEERS = 10005
 _PASSING = (
     TimeoutError,
     nats.errors.NoRespondersError,
@@ -1494,14 +1496,15 @@ async def connect(
 
 
 async def _start(store: NatsStore) -> None:
-    """Set the store up, asking again while a cluster that has just started elects its JetStream leader: its
-    servers answer health checks a moment before JetStream answers requests."""
+    """Set the store up, asking again while a cluster that has just started elects its JetStream leader and meets its
+    peers: its servers answer health checks a moment before JetStream answers requests or can place a replica."""
     deadline = asyncio.get_running_loop().time() + FAILOVER_SECONDS
     while True:
         try:
             await store.start()
             return
-        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
-            if asyncio.get_running_loop().time() > deadline:
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError, nats.js.errors.APIError) as error:
+            forming = not isinstance(error, nats.js.errors.APIError) or error.err_code == _NO_SUITABLE_PEERS
+            if not forming or asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(FAILOVER_PAUSE_SECONDS)
