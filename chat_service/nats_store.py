@@ -1497,13 +1497,19 @@ async def connect(
 
 async def _start(store: NatsStore) -> None:
     """Set the store up, asking again while a cluster that has just started elects its JetStream leader and meets its
-    peers: its servers answer health checks a moment before JetStream answers requests or can place a replica."""
+    peers: its servers answer health checks a moment before JetStream answers requests (in time, on a busy machine) or
+    can place a replica."""
     deadline = asyncio.get_running_loop().time() + FAILOVER_SECONDS
     while True:
         try:
             await store.start()
             return
-        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError, nats.js.errors.APIError) as error:
+        except (
+            TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
+            nats.js.errors.APIError,
+        ) as error:
             forming = not isinstance(error, nats.js.errors.APIError) or error.err_code == _NO_SUITABLE_PEERS
             if not forming or asyncio.get_running_loop().time() > deadline:
                 raise
