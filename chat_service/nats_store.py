@@ -1145,12 +1145,24 @@ class NatsStore:
             followed.subscriptions.append(
                 await self._nc.subscribe(f"chat.whisper.{room.uid}.{self.process}", cb=whispered)
             )
-            # Subscriptions are sent lazily: after the flush NATS has them, so nothing sent later is missed.
-            await self._nc.flush(timeout=int(max(self.timeout, 1)))
+            await self._sent()
         except BaseException:
             await self.unfollow(room)
             raise
         return tail.seq
+
+    async def _sent(self) -> None:
+        """Return once NATS has processed every command this connection sent before, subscriptions included, so that
+        nothing published after is missed. nats-py's flush() does not promise it: its PING can overtake the queue."""
+        inbox = self._nc.new_inbox()
+        echo = await self._nc.subscribe(inbox, max_msgs=1)
+        try:
+            # A connection's commands are processed in order: its own message comes back after all of them.
+            await self._nc.publish(inbox, b"")
+            await echo.next_msg(timeout=max(self.timeout, 1.0))
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await echo.unsubscribe()
 
     def _arrive(
         self, followed: _Followed, seq: int, stream_seq: int, entries: Sequence[tuple[Entry, str]], *, local: bool

@@ -278,13 +278,15 @@ async def test_a_whisper_reaches_a_member_of_another_process(stores: tuple[NatsS
 
 async def test_signals_reach_every_follower(stores: tuple[NatsStore, NatsStore]) -> None:
     first, second = stores
-    room = await first.create_room("signals")
-    heard = Recorder(), Recorder()
-    await first.follow(room, heard[0])
-    await second.follow(room, heard[1])
-    await first.signal(room, MemberJoined("ann"))
-    for recorder in heard:
-        await recorder.until(lambda recorder=recorder: recorder.signals == [MemberJoined("ann")])  # type: ignore[misc]
+    # Signalled right after the follow returns: a subscription still on its way to NATS missed it (1 time in 20).
+    for number in range(20):
+        room = await first.create_room(f"signals-{number}")
+        heard = Recorder(), Recorder()
+        await first.follow(room, heard[0])
+        await second.follow(room, heard[1])
+        await first.signal(room, MemberJoined("ann"))
+        for recorder in heard:
+            await recorder.until(lambda recorder=recorder: recorder.signals == [MemberJoined("ann")])  # type: ignore[misc]
     with pytest.raises(ChatError) as unknown:
         await first.follow(RoomRecord("gone", "uid", b"secret"), Recorder())
     assert unknown.value.kind is ErrorKind.ROOM_NOT_FOUND
