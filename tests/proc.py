@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import signal
 import socket
 import subprocess
 import threading
@@ -25,7 +28,8 @@ class Proc:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(env) if env is not None else None,
+            # A program that hangs is aborted by `wait`: faulthandler then prints where each of its threads was.
+            env={**(env if env is not None else os.environ), "PYTHONFAULTHANDLER": "1"},
         )
         self.output: list[str] = []
         self._stderr: list[str] = []
@@ -87,7 +91,11 @@ class Proc:
         try:
             status = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(self._report(f"still running after {timeout} s")) from None
+            self.popen.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+            self._threads[1].join(timeout)
+            raise AssertionError(self._report(f"still running after {timeout} s (aborted)")) from None
         for thread in self._threads:
             thread.join()
         while not self._ended:
