@@ -386,6 +386,9 @@ class Member(Generic[T]):
                 if batch:
                     stats.wrote(len(batch), len(self._queue))
                     await write(batch)
+                # Not kept while the member waits again: an idle member would hold its last batch (its Joined, with the
+                # room's member list, or the joins announced to it) for as long as it stays.
+                del batch
             finally:
                 lease.release()
 
