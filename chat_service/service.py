@@ -109,11 +109,11 @@ class ChatServicer:
         if member is None:
             return
         reader = asyncio.create_task(_serve_requests(requests, member, context, limiter, self._lines_in_flight))
-        guard = _WriteGuard()
+        guard = _WriteGuard(context)
         member.dropped.add_done_callback(guard.interrupt)
         try:
             try:
-                await member.deliver(guard.writer(context))
+                await member.deliver(guard.write)
             except asyncio.CancelledError:
                 if not guard.interrupted:
                     raise
@@ -274,9 +274,10 @@ async def _say(member: Membership[bytes], say: pb.ChatRequest.SendMessage) -> No
 class _WriteGuard:
     """Lets the server's drop of a member interrupt its handler while the client's flow control holds a write."""
 
-    __slots__ = ("interrupted", "task", "writing")
+    __slots__ = ("_context", "interrupted", "task", "writing")
 
-    def __init__(self) -> None:
+    def __init__(self, context: Context) -> None:
+        self._context = context
         self.task = asyncio.current_task()
         self.writing = False
         self.interrupted = False
@@ -287,15 +288,11 @@ class _WriteGuard:
             self.interrupted = True
             self.task.cancel()
 
-    def writer(self, context: Context) -> Callable[[list[bytes]], Awaitable[None]]:
+    async def write(self, batch: list[bytes]) -> None:
         """Write one batch as one ChatResponse, marked as a write the guard may interrupt."""
-
-        async def write(batch: list[bytes]) -> None:
-            self.writing = True
-            await context.write(b"".join(batch))
-            self.writing = False
-
-        return write
+        self.writing = True
+        await self._context.write(b"".join(batch))
+        self.writing = False
 
     def uncancel(self) -> None:
         if self.task is not None:
