@@ -276,7 +276,9 @@ class Member(Generic[T]):
         self._seat = seat
         # The join's answer and its history, written before anything live and not counted against the bound.
         self._backlog: list[T] | None = backlog
-        self._queue: deque[T] = deque()
+        # A list, not a deque: an idle member's empty deque holds a block of 0.5 KiB, and a batch mostly takes the
+        # whole queue (at most `batch_limit` when it takes the front).
+        self._queue: list[T] = []
         # Joins and leaves queued since the queue was last empty; past PRESENCE_RUN, `_stale` holds a member list
         # in the queue instead. They never count against the bound: a crowd coming or going never evicts anyone.
         self._presence = 0
@@ -384,6 +386,9 @@ class Member(Generic[T]):
                 if batch:
                     stats.wrote(len(batch), len(self._queue))
                     await write(batch)
+                # Not kept while the member waits again: an idle member would hold its last batch (its Joined, with the
+                # room's member list, or the joins announced to it) for as long as it stays.
+                del batch
             finally:
                 lease.release()
 
@@ -394,15 +399,17 @@ class Member(Generic[T]):
             batch, rest = self._backlog[:limit], self._backlog[limit:]
             self._backlog = rest or None
             limit -= len(batch)
-            batch.extend(queue.popleft() for _ in range(min(limit, len(queue))))
+            batch += queue[:limit]
+            del queue[:limit]
             if not queue:
                 self._presence = 0
         elif len(queue) <= limit:
-            self._queue = deque()
+            self._queue = []
             self._presence = 0
-            batch = list(queue)
+            batch = queue
         else:
-            batch = [queue.popleft() for _ in range(limit)]
+            batch = queue[:limit]
+            del queue[:limit]
         if self._stale:
             self._list_members(batch)
         return batch

@@ -547,6 +547,28 @@ def _live_members() -> list[tuple[str, Member[Event]]]:
     return [(obj.name, obj) for obj in gc.get_objects() if isinstance(obj, Member)]
 
 
+async def test_a_member_waiting_for_events_keeps_nothing_it_wrote(registry: Registries) -> None:
+    rooms = await registry()
+    alice = await rooms.join("idle", "alice", create=True)
+    wrote = asyncio.Event()
+
+    async def write(batch: list[Event]) -> None:
+        wrote.set()
+
+    delivering = asyncio.create_task(alice.deliver(write))
+    await asyncio.wait_for(wrote.wait(), 1)
+    for _ in range(100):
+        if alice._waiter is not None:
+            break
+        await asyncio.sleep(0)
+    assert alice._waiter is not None, "the member did not wait for events after its first batch"
+    # An idle member would otherwise hold its Joined, with the room's member list, for as long as it stays.
+    gc.collect()
+    assert not [obj for obj in gc.get_objects() if isinstance(obj, Joined) and obj.room == "idle"]
+    await alice.leave()
+    await asyncio.wait_for(delivering, 1)
+
+
 async def test_default_names_take_the_lowest_number_given_back(registry: Registries) -> None:
     rooms = await registry()
     first, second, third = [await rooms.join("r", "", create=i == 0) for i in range(3)]
