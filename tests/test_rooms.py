@@ -556,7 +556,7 @@ async def test_a_member_waiting_for_events_keeps_nothing_it_wrote(registry: Regi
         wrote.set()
 
     delivering = asyncio.create_task(alice.deliver(write))
-    await asyncio.wait_for(wrote.wait(), 1)
+    await asyncio.wait_for(wrote.wait(), 10)
     for _ in range(100):
         if alice._waiter is not None:
             break
@@ -566,7 +566,7 @@ async def test_a_member_waiting_for_events_keeps_nothing_it_wrote(registry: Regi
     gc.collect()
     assert not [obj for obj in gc.get_objects() if isinstance(obj, Joined) and obj.room == "idle"]
     await alice.leave()
-    await asyncio.wait_for(delivering, 1)
+    await asyncio.wait_for(delivering, 10)
 
 
 async def test_default_names_take_the_lowest_number_given_back(registry: Registries) -> None:
