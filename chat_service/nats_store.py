@@ -490,7 +490,7 @@ class NatsStore:
         rooms = self._kv(self._rooms_kv)
         # Counted, then created: two processes creating at once may both pass the count, so the cap is approximate
         # by the number of processes creating rooms at the same moment.
-        count = (await rooms.status()).values
+        count = (await self._patiently(rooms.status)).values
         self._room_count = count
         if count >= self.max_rooms:
             raise ChatError(
@@ -501,12 +501,15 @@ class NatsStore:
         record = RoomRecord(name, secrets.token_hex(6), secrets.token_bytes(16))
         value = json.dumps([record.name, record.uid, record.secret.hex()]).encode()
         try:
-            await rooms.create(_key(name_key(name)), value)
+            # Asked again while a cluster that has just formed or lost a server moves (no responders, a timeout).
+            await self._patiently(functools.partial(rooms.create, _key(name_key(name)), value))
         except nats.js.errors.KeyWrongLastSequenceError:
             existing = await self.find_room(name)
-            shown = existing.name if existing is not None else name
-            alike = "" if shown == name else f" (too like {name!r} to tell apart)"
-            raise ChatError(ErrorKind.ROOM_EXISTS, f"room {shown!r} already exists{alike}") from None
+            # Unless an earlier try got in and only its answer was lost: then the room is this one.
+            if existing is None or existing.uid != record.uid:
+                shown = existing.name if existing is not None else name
+                alike = "" if shown == name else f" (too like {name!r} to tell apart)"
+                raise ChatError(ErrorKind.ROOM_EXISTS, f"room {shown!r} already exists{alike}") from None
         self._room_count += 1
         return record
 
